@@ -1,0 +1,1 @@
+"""Data: LLaVA JSON conversations -> WebDataset shards -> templated, masked, collated batches."""

@@ -1,0 +1,1 @@
+"""Evaluation: greedy generation and held-out scoring."""

@@ -1,0 +1,76 @@
+"""The image transform an encoder owns: the data pipeline receives it, it never imports models.
+
+Mirrors the transformers image processors (CLIP: shortest-edge resize + centre crop; SigLIP:
+exact resize), plus LLaVA's `pad` aspect mode that first expands the image to a square filled
+with the mean colour, so no part of a wide image is cropped away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "shortest_edge"  # "shortest_edge" (then centre crop) | "exact"
+    aspect: str = "pad"  # "pad" (LLaVA expand-to-square) | "resize" | "crop"
+    resample: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("shortest_edge", "exact"):
+            raise ValueError(f"encoder.transform.resize must be shortest_edge|exact, got {self.resize!r}")
+        if self.aspect not in ("pad", "resize", "crop"):
+            raise ValueError(f"encoder.transform.aspect must be pad|resize|crop, got {self.aspect!r}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"encoder.transform.resample must be one of {sorted(_RESAMPLE)}")
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, size, size) float tensor, normalised."""
+        image = image.convert("RGB")
+        if self.aspect == "pad":
+            image = expand_to_square(image, tuple(int(m * 255) for m in self.mean))
+        if self.resize == "exact" or self.aspect == "resize":
+            image = image.resize((self.size, self.size), _RESAMPLE[self.resample])
+        else:
+            image = _resize_shortest_edge(image, self.size, _RESAMPLE[self.resample])
+            image = _center_crop(image, self.size)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA's `pad` mode: centre the image on a square canvas of the mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _resize_shortest_edge(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return image
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image.resize(new_size, resample)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    left = int(round((width - size) / 2.0))
+    top = int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))

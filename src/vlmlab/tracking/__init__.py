@@ -1,0 +1,1 @@
+"""Experiment tracking (MLflow, local SQLite store by default)."""
