@@ -1,0 +1,43 @@
+"""Developer sessions. They reuse the current environment (the README's `.venv`): a fresh
+6 GB torch install per session would cost minutes and prove nothing extra.
+
+    nox -s tests      # fast suite (default pytest selection)
+    nox -s slow       # multi-process, sweep and full-demo tests
+    nox -s lint       # ruff check + format check
+    nox -s typecheck  # mypy on src/vlmlab
+    nox -s demo       # the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy
+"""
+
+import sys
+
+import nox
+
+PY = sys.executable  # the interpreter nox runs under, i.e. the project venv
+
+nox.options.sessions = ["lint", "tests"]
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    session.run(PY, "-m", "pytest", *session.posargs)
+
+
+@nox.session(python=False)
+def slow(session: nox.Session) -> None:
+    session.run(PY, "-m", "pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    session.run(PY, "-m", "ruff", "check", "src", "tests", "noxfile.py", "train.py")
+    session.run(PY, "-m", "ruff", "format", "--check", "src", "tests", "noxfile.py", "train.py")
+
+
+@nox.session(python=False)
+def typecheck(session: nox.Session) -> None:
+    session.run(PY, "-m", "mypy")
+
+
+@nox.session(python=False)
+def demo(session: nox.Session) -> None:
+    session.run(PY, "-m", "vlmlab", "demo", *session.posargs)

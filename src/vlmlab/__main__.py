@@ -1,0 +1,5 @@
+"""`python -m vlmlab <verb>`."""
+
+from vlmlab.cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""The commands users type, run as subprocesses: sweeps, errors, and the whole demo (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, TINY_DATA
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLMLAB_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _runs(root: Path, experiment: str) -> list:
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    return client.search_runs([found.experiment_id])
+
+
+def test_sweep_over_connectors_gives_one_mlflow_run_each(tmp_path: Path) -> None:
+    tiny = [*TINY_DATA, f"data.root={tmp_path / 'data'}"]
+    warmup = _run([sys.executable, "train.py", "experiment=demo", "stage=lm", *tiny], tmp_path)
+    assert warmup.returncode == 0, warmup.stderr[-3000:]
+
+    sweep = _run([sys.executable, "train.py", "-m", "connector=linear,mlp", "stage=1", "experiment=demo", *tiny], tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    runs = [r for r in _runs(tmp_path, "demo") if r.data.tags.get("stage") == "1"]
+    assert sorted(r.data.tags["connector"] for r in runs) == ["linear", "mlp"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert (tmp_path / "hydra-multirun").is_dir(), "sweep outputs must stay under paths.root"
+
+
+def test_stage2_first_fails_with_the_command_to_run(tmp_path: Path) -> None:
+    proc = _run([sys.executable, "train.py", "stage=2", "connector=linear", *TINY_DATA], tmp_path)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert "python train.py stage=1 connector=linear" in output
+    assert "Traceback" not in output
+
+
+def test_typo_in_group_choice_lists_valid_options(tmp_path: Path) -> None:
+    proc = _run([sys.executable, "train.py", "connector=mpl"], tmp_path)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "mpl" in output and "linear" in output and "mlp" in output
+
+
+def test_demo_reaches_target_accuracy(tmp_path: Path) -> None:
+    proc = _run(["vlmlab" if not (Path(sys.executable).parent / "vlmlab").exists() else str(Path(sys.executable).parent / "vlmlab"),
+                 "demo", "trainer.enable_progress_bar=false"], tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r.data.tags["stage"]: r for r in _runs(tmp_path, "demo")}
+    assert set(runs) == {"lm", "1", "2"}
+    accuracy = runs["2"].data.metrics["eval/accuracy"]
+    assert accuracy >= 0.8, f"held-out colour accuracy {accuracy:.3f} < 0.8"
