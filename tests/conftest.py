@@ -48,7 +48,7 @@ def compose_cfg(tmp_path: Path, data_root: Path) -> Callable[..., DictConfig]:
 
 
 @pytest.fixture
-def tiny_model(compose_cfg: Callable[..., DictConfig]):  # noqa: ANN201
+def tiny_model(compose_cfg: Callable[..., DictConfig]):
     """A real random-init tiny VLM (CLIP-style encoder, MLP connector, Llama) and its tokenizer."""
     from vlmlab.models import build_vlm
 

@@ -33,7 +33,18 @@ def test_sweep_over_connectors_gives_one_mlflow_run_each(tmp_path: Path) -> None
     warmup = _run([sys.executable, "train.py", "experiment=demo", "stage=lm", *tiny], tmp_path)
     assert warmup.returncode == 0, warmup.stderr[-3000:]
 
-    sweep = _run([sys.executable, "train.py", "-m", "connector=linear,mlp", "stage=1", "experiment=demo", *tiny], tmp_path)
+    sweep = _run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "connector=linear,mlp",
+            "stage=1",
+            "experiment=demo",
+            *tiny,
+        ],
+        tmp_path,
+    )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     runs = [r for r in _runs(tmp_path, "demo") if r.data.tags.get("stage") == "1"]
     assert sorted(r.data.tags["connector"] for r in runs) == ["linear", "mlp"]
@@ -57,8 +68,17 @@ def test_typo_in_group_choice_lists_valid_options(tmp_path: Path) -> None:
 
 
 def test_demo_reaches_target_accuracy(tmp_path: Path) -> None:
-    proc = _run(["vlmlab" if not (Path(sys.executable).parent / "vlmlab").exists() else str(Path(sys.executable).parent / "vlmlab"),
-                 "demo", "trainer.enable_progress_bar=false"], tmp_path, timeout=900)
+    proc = _run(
+        [
+            "vlmlab"
+            if not (Path(sys.executable).parent / "vlmlab").exists()
+            else str(Path(sys.executable).parent / "vlmlab"),
+            "demo",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {r.data.tags["stage"]: r for r in _runs(tmp_path, "demo")}
     assert set(runs) == {"lm", "1", "2"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -119,7 +120,9 @@ def test_parameter_table_counts(compose_cfg: Callable[..., DictConfig], stage: s
         row = direct.setdefault(name.split(".")[0], {"trainable": 0, "frozen": 0, "total": 0})
         row["trainable" if param.requires_grad else "frozen"] += param.numel()
         row["total"] += param.numel()
-    table = {r["component"]: {k: r[k] for k in ("trainable", "frozen", "total")} for r in plan.table}
+    table = {
+        r["component"]: {k: r[k] for k in ("trainable", "frozen", "total")} for r in plan.table
+    }
     assert table == direct
     assert set(table) == {"encoder", "connector", "llm"}
     assert parameter_table(model) == plan.table
@@ -217,11 +220,11 @@ def test_schedule_warms_up_then_cosine_decays(compose_cfg: Callable[..., DictCon
     peak = float(cfg.stage.optim.lr)
     warmup = math.ceil(float(cfg.stage.optim.warmup_ratio) * total)
     assert warmup == 3
-    assert lrs[0] < lrs[1] < lrs[2] < peak  # linear warmup
-    assert lrs[0] == pytest.approx(peak / warmup)
+    assert lrs[0] < lrs[1] < lrs[2]  # linear warmup: (step + 1) / warmup, never 0
+    assert lrs[0] == pytest.approx(peak / warmup) and lrs[1] == pytest.approx(2 * peak / warmup)
     assert lrs[warmup] == pytest.approx(peak) and max(lrs) == pytest.approx(peak)
     decay = lrs[warmup:]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
     assert decay[-1] == pytest.approx(0.0, abs=1e-9)
     assert lrs[total - 1] > 0
     # cosine, not linear: a quarter into the decay the factor is ~0.85 (linear: 0.75)
@@ -238,8 +241,15 @@ def test_schedule_warms_up_then_cosine_decays(compose_cfg: Callable[..., DictCon
     ("overrides", "expected"),
     [
         (["trainer.devices=2", "data.batch_size=4", "stage.global_batch_size=128"], 16),
-        (["trainer.devices=2", "trainer.num_nodes=2", "data.batch_size=4",
-          "stage.global_batch_size=128"], 8),
+        (
+            [
+                "trainer.devices=2",
+                "trainer.num_nodes=2",
+                "data.batch_size=4",
+                "stage.global_batch_size=128",
+            ],
+            8,
+        ),
         (["trainer.devices=1", "data.batch_size=8", "stage.global_batch_size=8"], 1),
     ],
 )
@@ -337,7 +347,7 @@ def test_load_chain_restores_root_first(
 
 def test_load_chain_rejects_a_folder_without_weights(tiny_model: tuple, tmp_path: Path) -> None:
     model, _ = tiny_model
-    with pytest.raises(ConfigError, match="stage.init_from"):
+    with pytest.raises(ConfigError, match=r"stage\.init_from"):
         checkpoints.load_chain(model, tmp_path)
 
 

@@ -34,7 +34,12 @@ def test_stage1_fit_logs_to_mlflow(compose_cfg, tmp_path: Path) -> None:
     (run,) = _runs(tmp_path)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert (tags["encoder"], tags["connector"], tags["llm"], tags["stage"]) == ("tiny", "linear", "tiny", "1")
+    assert (tags["encoder"], tags["connector"], tags["llm"], tags["stage"]) == (
+        "tiny",
+        "linear",
+        "tiny",
+        "1",
+    )
     assert run.data.params["stage.optim.lr"] == str(cfg.stage.optim.lr)
     assert run.data.params["params.connector.trainable"] == str(meta["num_params"])
     assert "train/loss" in run.data.metrics
@@ -43,7 +48,7 @@ def test_stage1_fit_logs_to_mlflow(compose_cfg, tmp_path: Path) -> None:
     assert {"config.yaml", "parameters.txt", "overrides.txt"} <= artifacts
 
 
-def _connector_params(cfg):  # noqa: ANN001, ANN202
+def _connector_params(cfg):
     from vlmlab.models import build_vlm
 
     model, _ = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
@@ -78,6 +83,8 @@ def test_stage_chain_lm_then_1_then_2(compose_cfg, tmp_path: Path) -> None:
 
 def test_init_from_checkpoint_of_other_composition_is_rejected(compose_cfg) -> None:
     first = train(compose_cfg("stage=1", "connector=linear", "logger=none"))
-    cfg = compose_cfg("stage=2", "connector=mlp", "logger=none", f"stage.init_from={first['checkpoint']}")
+    cfg = compose_cfg(
+        "stage=2", "connector=mlp", "logger=none", f"stage.init_from={first['checkpoint']}"
+    )
     with pytest.raises(ConfigError, match="different connector"):
         train(cfg)

@@ -36,11 +36,20 @@ def component_fingerprint(component_cfg: DictConfig) -> str:
 
 def save_trainable(model: nn.Module, out_dir: Path, meta: dict[str, Any]) -> Path:
     """Write trainable weights + meta atomically: a crash never leaves a half-written checkpoint."""
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    tensors = {
+        name: p.detach().cpu().contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / WEIGHTS))
-    meta = {**meta, "num_tensors": len(tensors), "num_params": sum(t.numel() for t in tensors.values()), "finished_at": time.time()}
+    meta = {
+        **meta,
+        "num_tensors": len(tensors),
+        "num_params": sum(t.numel() for t in tensors.values()),
+        "finished_at": time.time(),
+    }
     (tmp / META).write_text(json.dumps(meta, indent=1))
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
@@ -59,7 +68,11 @@ def load_chain(model: nn.Module, ckpt_dir: Path) -> list[Path]:
     current: Path | None = Path(ckpt_dir)
     while current is not None:
         if not (current / WEIGHTS).is_file():
-            raise ConfigError("stage.init_from", f"{current} holds no {WEIGHTS}.", "point it at a vlmlab checkpoint folder.")
+            raise ConfigError(
+                "stage.init_from",
+                f"{current} holds no {WEIGHTS}.",
+                "point it at a vlmlab checkpoint folder.",
+            )
         chain.append(current)
         parent = read_meta(current).get("parent")
         current = Path(parent) if parent else None
@@ -68,11 +81,18 @@ def load_chain(model: nn.Module, ckpt_dir: Path) -> list[Path]:
         tensors = load_file(str(path / WEIGHTS))
         unknown = sorted(set(tensors) - set(params))
         if unknown:
-            raise ConfigError("stage.init_from", f"{path} has weights this model lacks: {unknown[:3]}...", "check encoder/connector/llm.")
+            raise ConfigError(
+                "stage.init_from",
+                f"{path} has weights this model lacks: {unknown[:3]}...",
+                "check encoder/connector/llm.",
+            )
         with torch.no_grad():
             for name, tensor in tensors.items():
                 if params[name].shape != tensor.shape:
-                    raise ConfigError("stage.init_from", f"{path}: {name} is {tuple(tensor.shape)}, model has {tuple(params[name].shape)}.")
+                    raise ConfigError(
+                        "stage.init_from",
+                        f"{path}: {name} is {tuple(tensor.shape)}, model has {tuple(params[name].shape)}.",
+                    )
                 params[name].copy_(tensor)
         log.info("loaded %d tensors from %s", len(tensors), path)
     return chain
@@ -84,6 +104,8 @@ def find_latest(ckpt_root: Path, stage: str, fingerprints: dict[str, str]) -> Pa
     if not ckpt_root.is_dir():
         return None
     for meta_path in ckpt_root.glob(f"*/{META}"):
+        if meta_path.parent.name.endswith(".tmp"):  # an interrupted save
+            continue
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):

@@ -40,7 +40,9 @@ def train_main() -> None:
 
 def demo(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlmlab demo", description=VERBS["demo"])
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage, e.g. paths.root=/tmp/x")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides for every stage, e.g. paths.root=/tmp/x"
+    )
     parser.add_argument("--stages", default="lm,1,2", help="comma-separated stages to run in order")
     args = parser.parse_args(argv)
     from vlmlab.logs import setup_logging
@@ -60,8 +62,11 @@ def demo(argv: list[str]) -> int:
     accuracy = results.get(args.stages.split(",")[-1], {}).get("metrics", {}).get("eval/accuracy")
     seconds = sum(r["seconds"] for r in results.values())
     root = cfg.paths.root
-    log.info("demo finished in %.0fs of training; held-out colour accuracy: %s", seconds,
-             f"{accuracy:.3f}" if accuracy is not None else "n/a")
+    log.info(
+        "demo finished in %.0fs of training; held-out colour accuracy: %s",
+        seconds,
+        f"{accuracy:.3f}" if accuracy is not None else "n/a",
+    )
     log.info("compare runs: mlflow ui --backend-store-uri sqlite:///%s/mlflow.db", root)
     return 0
 
@@ -69,9 +74,9 @@ def demo(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: vlmlab <verb> [args]\n\nverbs:")  # noqa: T201 - CLI help
+        print("usage: vlmlab <verb> [args]\n\nverbs:")
         for verb, text in VERBS.items():
-            print(f"  {verb:<8}{text}")  # noqa: T201
+            print(f"  {verb:<8}{text}")
         raise SystemExit(0 if argv else 2)
     verb, rest = argv[0], argv[1:]
     if verb == "train":
@@ -80,5 +85,5 @@ def main(argv: list[str] | None = None) -> None:
     elif verb == "demo":
         raise SystemExit(demo(rest))
     else:
-        print(f"vlmlab: unknown verb {verb!r}; choose from {', '.join(VERBS)}", file=sys.stderr)  # noqa: T201
+        print(f"vlmlab: unknown verb {verb!r}; choose from {', '.join(VERBS)}", file=sys.stderr)
         raise SystemExit(2)

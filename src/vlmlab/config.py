@@ -18,7 +18,9 @@ def conf_dir() -> Path:
         candidate = parent / "conf" / "train.yaml"
         if candidate.is_file():
             return candidate.parent
-    raise FileNotFoundError("vlmlab config tree not found: install with `pip install -e .` from the repo or set VLMLAB_CONF=<repo>/conf.")
+    raise FileNotFoundError(
+        "vlmlab config tree not found: install with `pip install -e .` from the repo or set VLMLAB_CONF=<repo>/conf."
+    )
 
 
 _NUMERIC_CHOICE = re.compile(r"^(?P<key>[+~]{0,2}[A-Za-z_][\w/@.]*)=(?P<value>\d+(,\d+)*)$")
@@ -50,6 +52,10 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=quote_numeric_choices(list(overrides or [])), return_hydra_config=True)
+        cfg = hydra_compose(
+            config_name=config_name,
+            overrides=quote_numeric_choices(list(overrides or [])),
+            return_hydra_config=True,
+        )
     HydraConfig.instance().set_config(cfg)
     return cfg

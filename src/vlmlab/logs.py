@@ -22,7 +22,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     lightning = logging.getLogger("lightning")
     for handler in list(lightning.handlers):  # `import lightning` adds its own console handler
         lightning.removeHandler(handler)
-    for handler in root.handlers:  # logger filters miss records of child loggers; handler filters don't
+    for (
+        handler
+    ) in root.handlers:  # logger filters miss records of child loggers; handler filters don't
         if not any(isinstance(f, _DropNoise) for f in handler.filters):
             handler.addFilter(_DropNoise())
     # A frozen encoder is in eval mode on purpose (VisionLanguageModel.train keeps it there).

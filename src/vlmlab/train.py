@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from vlmlab import checkpoints, stages
@@ -39,7 +40,9 @@ def hydra_choices(cfg: DictConfig) -> dict[str, str]:
 
     if HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices
-        return {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None}
+        return {
+            k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None
+        }
     return {}
 
 
@@ -52,7 +55,11 @@ def task_overrides() -> list[str]:
 def world_size(cfg: DictConfig) -> int:
     devices = cfg.trainer.get("devices", 1)
     if not isinstance(devices, int):
-        raise ConfigError("trainer.devices", f"got {devices!r}.", "give an integer so the global batch can be derived.")
+        raise ConfigError(
+            "trainer.devices",
+            f"got {devices!r}.",
+            "give an integer so the global batch can be derived.",
+        )
     return devices * int(cfg.trainer.get("num_nodes", 1))
 
 
@@ -69,7 +76,9 @@ def accumulation(cfg: DictConfig) -> int:
     return global_batch // per_step
 
 
-def resolve_init(cfg: DictConfig, fingerprints: dict[str, str], ckpt_root: Path, choices: dict[str, str]) -> Path | None:
+def resolve_init(
+    cfg: DictConfig, fingerprints: dict[str, str], ckpt_root: Path, choices: dict[str, str]
+) -> Path | None:
     """`stage.init_from`: null, a checkpoint folder, or `auto` (newest finished `stage.previous`)."""
     init_from = cfg.stage.get("init_from")
     previous = cfg.stage.get("previous")
@@ -79,10 +88,15 @@ def resolve_init(cfg: DictConfig, fingerprints: dict[str, str], ckpt_root: Path,
         path = Path(init_from)
         meta = checkpoints.read_meta(path) if (path / checkpoints.META).is_file() else None
         if meta is None:
-            raise ConfigError("stage.init_from", f"{path} is not a vlmlab checkpoint folder (no meta.json).")
+            raise ConfigError(
+                "stage.init_from", f"{path} is not a vlmlab checkpoint folder (no meta.json)."
+            )
         differ = [c for c, fp in meta.get("fingerprints", {}).items() if fingerprints.get(c) != fp]
         if differ:
-            raise ConfigError("stage.init_from", f"{path} was trained with a different {', '.join(differ)} than this run.")
+            raise ConfigError(
+                "stage.init_from",
+                f"{path} was trained with a different {', '.join(differ)} than this run.",
+            )
         return path
     found = checkpoints.find_latest(ckpt_root, str(previous), fingerprints)
     if found is None:
@@ -105,7 +119,9 @@ def build_logger(cfg: DictConfig, root: Path, choices: dict[str, str]) -> Any:
     from lightning.pytorch.loggers import MLFlowLogger
 
     tags = {f"choice.{k}": v for k, v in choices.items()}
-    tags.update({k: v for k, v in choices.items() if k in (*COMPONENTS, "stage", "data", "experiment")})
+    tags.update(
+        {k: v for k, v in choices.items() if k in (*COMPONENTS, "stage", "data", "experiment")}
+    )
     tags["stage"] = str(cfg.stage.name)
     tags.update(git_commit())
     run_name = cfg.logger.get("run_name") or "-".join(
@@ -142,12 +158,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("stage %s parameters:\n%s", cfg.stage.name, table)
 
     template = get_template(cfg.stage.template, tokenizer.eos_token)
-    text_encoder = TextEncoder(tokenizer, template, model.num_image_tokens, model.image_token_id, int(cfg.data.max_length))
+    text_encoder = TextEncoder(
+        tokenizer, template, model.num_image_tokens, model.image_token_id, int(cfg.data.max_length)
+    )
     dataset = resolve_dataset(cfg.data, str(cfg.stage.dataset))
     datamodule = VLMDataModule(
-        dataset["shard_dir"], text_encoder, model.encoder.image_transform,
-        batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
-        shuffle_buffer=int(cfg.data.shuffle_buffer), seed=int(cfg.seed), prepare=dataset["prepare"],
+        dataset["shard_dir"],
+        text_encoder,
+        model.encoder.image_transform,
+        batch_size=int(cfg.data.batch_size),
+        num_workers=int(cfg.data.num_workers),
+        shuffle_buffer=int(cfg.data.shuffle_buffer),
+        seed=int(cfg.seed),
+        prepare=dataset["prepare"],
     )
     datamodule.prepare_data()  # before the schedule is sized from the manifest
 
@@ -159,10 +182,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks: list[L.Callback] = [EpochSetter()]
     heldout_cb = None
     if cfg.stage.get("evaluate") and dataset.get("heldout") is not None:
-        heldout_cb = HeldoutEval(text_encoder, model.encoder.image_transform, dataset["heldout"], dataset["image_root"],
-                                 **OmegaConf.to_container(cfg.data.heldout, resolve=True))  # type: ignore[arg-type]
+        heldout_cb = HeldoutEval(
+            text_encoder,
+            model.encoder.image_transform,
+            dataset["heldout"],
+            dataset["image_root"],
+            **OmegaConf.to_container(cfg.data.heldout, resolve=True),
+        )  # type: ignore[arg-type]
         callbacks.append(heldout_cb)
     logger = build_logger(cfg, root, choices)
+    if logger is not None:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(
         **trainer_kwargs,  # type: ignore[arg-type]
@@ -174,7 +204,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=str(root / "lightning"),
     )
     if logger is not None and trainer.is_global_zero:
-        clean = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+        clean = (
+            OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
+            if "hydra" in cfg
+            else cfg
+        )
         logger.log_hyperparams(flatten(clean))
         client, run_id = logger.experiment, logger.run_id
         client.log_text(run_id, OmegaConf.to_yaml(clean, resolve=True), "config.yaml")
@@ -189,7 +223,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if heldout_cb is not None and heldout_cb.result is not None:
         metrics["eval/accuracy"] = heldout_cb.result["accuracy"]
-    result: dict[str, Any] = {"metrics": metrics, "checkpoint": None, "seconds": time.time() - started}
+    result: dict[str, Any] = {
+        "metrics": metrics,
+        "checkpoint": None,
+        "seconds": time.time() - started,
+    }
     if trainer.is_global_zero:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{stamp}-stage{cfg.stage.name}-{'-'.join(choices.get(c, c) for c in COMPONENTS)}-{int(time.time() * 1e6) % 10**6:06d}"
@@ -206,6 +244,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result["checkpoint"] = str(checkpoints.save_trainable(model, ckpt_root / name, meta))
         if logger is not None:
             logger.experiment.set_tag(logger.run_id, "checkpoint", result["checkpoint"])
-            logger.experiment.log_text(logger.run_id, json.dumps(meta, indent=1), "checkpoint_meta.json")
+            logger.experiment.log_text(
+                logger.run_id, json.dumps(meta, indent=1), "checkpoint_meta.json"
+            )
     log.info("stage %s done in %.1fs: %s", cfg.stage.name, result["seconds"], metrics)
     return result

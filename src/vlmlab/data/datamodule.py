@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlmlab.data.shards import read_manifest
 from vlmlab.data.tokenize import BadSample, TextEncoder
+from vlmlab.errors import ConfigError
 from vlmlab.models.vlm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ class ShardStream(IterableDataset):
 class SampleProcessor:
     """Raw tar sample -> tensors. Picklable, so it runs inside DataLoader workers."""
 
-    def __init__(self, text_encoder: TextEncoder, image_transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self, text_encoder: TextEncoder, image_transform: Callable[[Image.Image], torch.Tensor]
+    ) -> None:
         self.text_encoder = text_encoder
         self.image_transform = image_transform
 
@@ -121,7 +124,9 @@ class SampleProcessor:
                     pixel_values = self.image_transform(image)
             except (OSError, ValueError) as err:
                 raise BadSample("corrupt_image", str(err)) from err
-        encoded = self.text_encoder.encode(record.get("conversations") or [], has_image=pixel_values is not None)
+        encoded = self.text_encoder.encode(
+            record.get("conversations") or [], has_image=pixel_values is not None
+        )
         return {"id": record.get("id", raw.get("__key__")), "pixel_values": pixel_values, **encoded}
 
 
@@ -198,9 +203,16 @@ class VLMDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def batches_per_epoch(self, world_size: int) -> int:
-        """Upper bound of micro-batches one rank sees per epoch (used to size the LR schedule)."""
-        world = world_size
-        return max(1, math.ceil(math.ceil(self.manifest["num_samples"] / world) / self.batch_size))
+        """Upper bound of micro-batches one rank sees per epoch (sizes the LR schedule).
+
+        Whole shards go to (rank, worker) slots, so the bound follows the fullest slot; the +1
+        covers the skip report a worker may yield after its last sample.
+        """
+        sizes = sorted((s["num_samples"] for s in self.manifest["shards"]), reverse=True)
+        workers = max(1, self.num_workers)
+        per_slot = math.ceil(len(sizes) / (world_size * workers))
+        most = sum(sizes[:per_slot])  # most samples one (rank, worker) slot can get
+        return max(1, workers * math.ceil((most + 1) / self.batch_size))
 
     def set_epoch(self, epoch: int) -> None:
         if self._train is not None:
@@ -210,6 +222,14 @@ class VLMDataModule(L.LightningDataModule):
         manifest = self.manifest
         rank, world = self._world()
         shards = [str(self.shard_dir / s["name"]) for s in manifest["shards"]]
+        slots = world * max(1, self.num_workers)
+        if len(shards) < slots:
+            raise ConfigError(
+                "data.num_workers",
+                f"{self.shard_dir} has {len(shards)} shards but {world} ranks x "
+                f"{max(1, self.num_workers)} workers need at least {slots}.",
+                "lower data.num_workers or write smaller shards (data.samples_per_shard).",
+            )
         self._train = ShardStream(
             shards,
             SampleProcessor(self.text_encoder, self.image_transform),

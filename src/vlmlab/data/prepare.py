@@ -36,7 +36,9 @@ def ensure_shapes(data_cfg: DictConfig) -> Path:
     paths = generate(spec, tmp)
     for set_name in SHAPE_SETS:
         records = json.loads(paths[set_name].read_text())
-        write_shards(records, tmp / "images", tmp / "shards" / set_name, int(data_cfg.samples_per_shard))
+        write_shards(
+            records, tmp / "images", tmp / "shards" / set_name, int(data_cfg.samples_per_shard)
+        )
     (tmp / "DONE").write_text("ok\n")
     try:
         tmp.rename(target)
@@ -49,7 +51,11 @@ def resolve_dataset(data_cfg: DictConfig, dataset: str) -> dict[str, Any]:
     """Shard folder for `stage.dataset`, plus held-out file and image root when the data has them."""
     sets = data_cfg.get("sets") or {}
     if dataset not in sets:
-        raise ConfigError("stage.dataset", f"{dataset!r} is not a set of data={data_cfg.name}.", f"use one of {sorted(sets)}.")
+        raise ConfigError(
+            "stage.dataset",
+            f"{dataset!r} is not a set of data={data_cfg.name}.",
+            f"use one of {sorted(sets)}.",
+        )
     if data_cfg.name == "shapes":
         root = shapes_dir(data_cfg)
         return {
@@ -60,6 +66,15 @@ def resolve_dataset(data_cfg: DictConfig, dataset: str) -> dict[str, Any]:
         }
     shard_dir = Path(sets[dataset])
     if not (shard_dir / MANIFEST).is_file():
-        raise ConfigError(f"data.sets.{dataset}", f"{shard_dir} has no {MANIFEST}.", "convert the data to shards first.")
+        raise ConfigError(
+            f"data.sets.{dataset}",
+            f"{shard_dir} has no {MANIFEST}.",
+            "convert the data to shards first.",
+        )
     heldout = data_cfg.get("heldout")
-    return {"shard_dir": shard_dir, "heldout": Path(heldout) if heldout else None, "image_root": None, "prepare": None}
+    return {
+        "shard_dir": shard_dir,
+        "heldout": Path(heldout) if heldout else None,
+        "image_root": None,
+        "prepare": None,
+    }

@@ -26,12 +26,29 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
 }
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
+POSITIONS = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+}
 
-COLOUR_QUESTIONS = ("What colour is the shape?", "Which colour does the shape have?", "What is the colour of the object?")
-SHAPE_QUESTIONS = ("What shape is it?", "Which shape is shown?", "What kind of shape is in the image?")
+COLOUR_QUESTIONS = (
+    "What colour is the shape?",
+    "Which colour does the shape have?",
+    "What is the colour of the object?",
+)
+SHAPE_QUESTIONS = (
+    "What shape is it?",
+    "Which shape is shown?",
+    "What kind of shape is in the image?",
+)
 POSITION_QUESTIONS = ("Where is the shape?", "In which part of the image is the shape?")
-CAPTION_PROMPTS = ("Describe the image briefly.", "What is in the picture?", "Give a short caption.")
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "What is in the picture?",
+    "Give a short caption.",
+)
 HELDOUT_QUESTION = COLOUR_QUESTIONS[0]
 
 
@@ -69,7 +86,9 @@ def draw_shape(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict[s
     elif shape == "square":
         draw.rectangle(box, fill=fill)
     else:
-        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+        draw.polygon(
+            [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill
+        )
     return image, {"colour": colour, "shape": shape, "position": position}
 
 
@@ -91,7 +110,10 @@ def _conversation(turns: list[tuple[str, str]], with_image: bool) -> list[dict[s
     messages = []
     for i, (question, answer) in enumerate(turns):
         prefix = "<image>\n" if with_image and i == 0 else ""
-        messages += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+        messages += [
+            {"from": "human", "value": prefix + question},
+            {"from": "gpt", "value": answer},
+        ]
     return messages
 
 
@@ -110,21 +132,47 @@ def generate(spec: ShapesSpec, out_dir: Path) -> dict[str, Path]:
         (image_dir / name).write_bytes(buffer.getvalue())
         if index >= spec.num_images:
             sets["heldout"].append(
-                {"id": f"heldout{index:06d}", "image": name, "question": HELDOUT_QUESTION, "answer": facts["colour"], **facts}
+                {
+                    "id": f"heldout{index:06d}",
+                    "image": name,
+                    "question": HELDOUT_QUESTION,
+                    "answer": facts["colour"],
+                    **facts,
+                }
             )
             continue
         caption_prompt = str(rng.choice(CAPTION_PROMPTS))
         sets["align"].append(
-            {"id": f"align{index:06d}", "image": name, "conversations": _conversation([(caption_prompt, _caption(facts))], True)}
+            {
+                "id": f"align{index:06d}",
+                "image": name,
+                "conversations": _conversation([(caption_prompt, _caption(facts))], True),
+            }
         )
         turns = _qa_turns(rng, facts)
-        sets["instruct"].append({"id": f"instruct{index:06d}", "image": name, "conversations": _conversation(turns, True)})
-        sets["text"].append({"id": f"text{index:06d}", "conversations": _conversation(turns + [(caption_prompt, _caption(facts))], False)})
+        sets["instruct"].append(
+            {
+                "id": f"instruct{index:06d}",
+                "image": name,
+                "conversations": _conversation(turns, True),
+            }
+        )
+        sets["text"].append(
+            {
+                "id": f"text{index:06d}",
+                "conversations": _conversation([*turns, (caption_prompt, _caption(facts))], False),
+            }
+        )
     paths = {}
     for set_name, records in sets.items():
         paths[set_name] = out_dir / f"{set_name}.json"
         paths[set_name].write_text(json.dumps(records, indent=1))
-    log.info("shapes: wrote %d images and %s under %s", total, {k: len(v) for k, v in sets.items()}, out_dir)
+    log.info(
+        "shapes: wrote %d images and %s under %s",
+        total,
+        {k: len(v) for k, v in sets.items()},
+        out_dir,
+    )
     return paths
 
 
@@ -136,4 +184,4 @@ def corpus_text() -> list[str]:
         for shape in SHAPES:
             for position in POSITIONS:
                 lines.append(_caption({"colour": colour, "shape": shape, "position": position}))
-    return lines + [" ".join(words)]
+    return [*lines, " ".join(words)]

@@ -27,7 +27,9 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_shards(records: list[dict[str, Any]], image_root: Path, out_dir: Path, samples_per_shard: int = 500) -> dict[str, Any]:
+def write_shards(
+    records: list[dict[str, Any]], image_root: Path, out_dir: Path, samples_per_shard: int = 500
+) -> dict[str, Any]:
     """Write `shard-NNNNNN.tar` files and `manifest.json`; returns the manifest.
 
     Each sample is `<id>.json` (the LLaVA record) plus `<id>.<ext>` (image bytes) when it has an image.
@@ -36,7 +38,7 @@ def write_shards(records: list[dict[str, Any]], image_root: Path, out_dir: Path,
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be >= 1")
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = []
+    shards: list[dict[str, Any]] = []
     for start in range(0, len(records), samples_per_shard):
         chunk = records[start : start + samples_per_shard]
         name = f"shard-{start // samples_per_shard:06d}.tar"
@@ -69,5 +71,7 @@ def write_shards(records: list[dict[str, Any]], image_root: Path, out_dir: Path,
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
     path = shard_dir / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: write shards with vlmlab.data.shards.write_shards first.")
+        raise FileNotFoundError(
+            f"{path} not found: write shards with vlmlab.data.shards.write_shards first."
+        )
     return json.loads(path.read_text())

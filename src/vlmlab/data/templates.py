@@ -97,7 +97,9 @@ _TEMPLATES: dict[str, type[Template]] = {"plain": PlainTemplate, "vicuna_v1": Vi
 def get_template(name: str, eos_token: str | None = None) -> Template:
     """Template by name; `key` in errors is the config key that selected it."""
     if name not in _TEMPLATES:
-        raise ConfigError("stage.template", f"unknown template {name!r}.", f"use one of {sorted(_TEMPLATES)}.")
+        raise ConfigError(
+            "stage.template", f"unknown template {name!r}.", f"use one of {sorted(_TEMPLATES)}."
+        )
     cls = _TEMPLATES[name]
     if cls is VicunaV1Template and eos_token:
         return VicunaV1Template(eos=eos_token)

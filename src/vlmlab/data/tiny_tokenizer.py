@@ -22,23 +22,38 @@ def build(vocab_size: int = 512) -> object:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    lines = corpus_text() + [VicunaV1Template.system, "USER: ASSISTANT:", "Answer the question using a single word or phrase."]
+    lines = [
+        *corpus_text(),
+        VicunaV1Template.system,
+        "USER: ASSISTANT:",
+        "Answer the question using a single word or phrase.",
+    ]
     tokenizer.train_from_iterator(lines * 4, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+        single="<s> $A",
+        pair="<s> $A <s> $B",
+        special_tokens=[("<s>", tokenizer.token_to_id("<s>"))],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        model_max_length=4096, clean_up_tokenization_spaces=False,
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
     )
 
 
 def main() -> None:
     out = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
     build().save_pretrained(out)  # type: ignore[attr-defined]
-    print(out)  # noqa: T201 - a build script
+    print(out)
 
 
 if __name__ == "__main__":

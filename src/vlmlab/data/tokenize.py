@@ -47,23 +47,38 @@ class TextEncoder:
             raise BadSample("wrong_role_order", "last turn must be gpt")
         return turns
 
-    def encode(self, conversations: list[dict[str, str]], has_image: bool) -> dict[str, torch.Tensor]:
+    def encode(
+        self, conversations: list[dict[str, str]], has_image: bool
+    ) -> dict[str, torch.Tensor]:
         turns = self.parse_turns(conversations)
         num_placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
         if num_placeholders != int(has_image):
-            raise BadSample("image_token_count", f"{num_placeholders} <image> tags for {int(has_image)} images")
-        segments = self.template.render(turns)
+            raise BadSample(
+                "image_token_count", f"{num_placeholders} <image> tags for {int(has_image)} images"
+            )
+        try:
+            segments = self.template.render(turns)
+        except ValueError as err:  # e.g. a multi-turn sample under the single-turn `plain` template
+            raise BadSample("template_mismatch", str(err)) from err
         text, spans, offset = "", [], 0
         for piece, is_target in segments:
             if is_target:
                 spans.append((offset, offset + len(piece)))
             text += piece
             offset += len(piece)
-        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=self.template.adds_bos)
+        enc = self.tokenizer(
+            text, return_offsets_mapping=True, add_special_tokens=self.template.adds_bos
+        )
         ids: list[int] = enc["input_ids"]
         offsets: list[tuple[int, int]] = enc["offset_mapping"]
-        if self.template.adds_bos and self.tokenizer.bos_token_id is not None and ids[:1] != [self.tokenizer.bos_token_id]:
-            raise BadSample("no_bos", "tokenizer did not add BOS: set llm.tokenizer.add_bos_token=true")
+        if (
+            self.template.adds_bos
+            and self.tokenizer.bos_token_id is not None
+            and ids[:1] != [self.tokenizer.bos_token_id]
+        ):
+            raise BadSample(
+                "no_bos", "tokenizer did not add BOS: set llm.tokenizer.add_bos_token=true"
+            )
         labels = [IGNORE_INDEX] * len(ids)
         for i, (start, end) in enumerate(offsets):
             if end > start and any(start < s_end and end > s_start for s_start, s_end in spans):

@@ -26,7 +26,12 @@ def greedy_generate(
         attention_mask[i, length - len(prompt) :] = 1
     embeds = model.embed(input_ids, pixel_values.to(device) if pixel_values is not None else None)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    out = model.llm(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+    )
     generated: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):

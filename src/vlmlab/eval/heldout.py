@@ -17,6 +17,7 @@ from PIL import Image
 from vlmlab.data.templates import IMAGE_PLACEHOLDER, Turn
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.eval.generate import greedy_generate
+from vlmlab.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def normalize_answer(text: str) -> str:
 
 
 def evaluate_heldout(
-    model: torch.nn.Module,
+    model: VisionLanguageModel,
     text_encoder: TextEncoder,
     image_transform: Callable[[Image.Image], torch.Tensor],
     heldout_file: Path,
@@ -44,23 +45,41 @@ def evaluate_heldout(
     tokenizer = text_encoder.tokenizer
     stop_ids = {tokenizer.eos_token_id}
     if text_encoder.template.stop != tokenizer.eos_token:
-        stop_ids |= set(tokenizer(text_encoder.template.stop, add_special_tokens=False)["input_ids"][-1:])
+        stop_ids |= set(
+            tokenizer(text_encoder.template.stop, add_special_tokens=False)["input_ids"][-1:]
+        )
     was_training = model.training
     model.eval()
     predictions = []
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            prompts = [text_encoder.encode_prompt([Turn("human", f"{IMAGE_PLACEHOLDER}\n{r['question']}")]) for r in chunk]
+            prompts = [
+                text_encoder.encode_prompt([Turn("human", f"{IMAGE_PLACEHOLDER}\n{r['question']}")])
+                for r in chunk
+            ]
             images = []
             for record in chunk:
                 with Image.open(Path(image_root) / record["image"]) as image:
                     images.append(image_transform(image))
-            outputs = greedy_generate(model, prompts, torch.stack(images), max_new_tokens, stop_ids, tokenizer.pad_token_id)
+            outputs = greedy_generate(
+                model,
+                prompts,
+                torch.stack(images),
+                max_new_tokens,
+                stop_ids,
+                tokenizer.pad_token_id,
+            )
             for record, ids in zip(chunk, outputs):
                 answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                predictions.append({"id": record["id"], "prediction": answer, "answer": record["answer"],
-                                    "correct": normalize_answer(answer) == normalize_answer(record["answer"])})
+                predictions.append(
+                    {
+                        "id": record["id"],
+                        "prediction": answer,
+                        "answer": record["answer"],
+                        "correct": normalize_answer(answer) == normalize_answer(record["answer"]),
+                    }
+                )
     finally:
         model.train(was_training)
     accuracy = sum(p["correct"] for p in predictions) / max(1, len(predictions))
@@ -70,7 +89,14 @@ def evaluate_heldout(
 class HeldoutEval(L.Callback):
     """At the end of training, answer the held-out questions and log `eval/accuracy`."""
 
-    def __init__(self, text_encoder: TextEncoder, image_transform: Callable, heldout_file: Path, image_root: Path, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        image_transform: Callable,
+        heldout_file: Path,
+        image_root: Path,
+        **kwargs: Any,
+    ) -> None:
         self.text_encoder = text_encoder
         self.image_transform = image_transform
         self.heldout_file = heldout_file
@@ -81,8 +107,19 @@ class HeldoutEval(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        model = pl_module.model  # type: ignore[attr-defined]
-        self.result = evaluate_heldout(model, self.text_encoder, self.image_transform, self.heldout_file, self.image_root, **self.kwargs)
-        log.info("held-out accuracy %.3f on %d questions", self.result["accuracy"], self.result["num_samples"])
+        model: VisionLanguageModel = pl_module.model  # type: ignore[assignment]
+        self.result = evaluate_heldout(
+            model,
+            self.text_encoder,
+            self.image_transform,
+            self.heldout_file,
+            self.image_root,
+            **self.kwargs,
+        )
+        log.info(
+            "held-out accuracy %.3f on %d questions",
+            self.result["accuracy"],
+            self.result["num_samples"],
+        )
         for logger in trainer.loggers:
             logger.log_metrics({"eval/accuracy": self.result["accuracy"]}, step=trainer.global_step)

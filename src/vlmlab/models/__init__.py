@@ -4,34 +4,55 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vlmlab.errors import ConfigError
+from vlmlab.models.contracts import Connector, VisionEncoder
 from vlmlab.models.llm import IMAGE_TOKEN, build_llm, build_tokenizer
 from vlmlab.models.vlm import VisionLanguageModel
 
 __all__ = ["IMAGE_TOKEN", "VisionLanguageModel", "build_tokenizer", "build_vlm"]
 
 
-def build_vlm(encoder_cfg: DictConfig, connector_cfg: DictConfig, llm_cfg: DictConfig) -> tuple[VisionLanguageModel, Any]:
+def as_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved plain dict of a config node."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
+def build_vlm(
+    encoder_cfg: DictConfig, connector_cfg: DictConfig, llm_cfg: DictConfig
+) -> tuple[VisionLanguageModel, Any]:
     """Build the model and its tokenizer. Connector widths come from the built parts."""
     encoder = instantiate(encoder_cfg, _convert_="all")
-    llm_dict: dict[str, Any] = OmegaConf.to_container(llm_cfg, resolve=True)  # type: ignore[assignment]
-    tokenizer = build_tokenizer(llm_dict["tokenizer"])
+    llm_args = as_dict(llm_cfg)
+    tokenizer = build_tokenizer(llm_args["tokenizer"])
     llm = build_llm(
         tokenizer,
-        name_or_path=llm_dict.get("name_or_path"),
-        pretrained=bool(llm_dict.get("pretrained", False)),
-        config=llm_dict.get("config"),
-        dtype=llm_dict.get("dtype", "float32"),
-        init_seed=int(llm_dict.get("init_seed", 0)),
+        name_or_path=llm_args.get("name_or_path"),
+        pretrained=bool(llm_args.get("pretrained", False)),
+        config=llm_args.get("config"),
+        dtype=llm_args.get("dtype", "float32"),
+        init_seed=int(llm_args.get("init_seed", 0)),
     )
-    llm_width = llm.get_input_embeddings().embedding_dim
-    import torch
-
+    connector_args = as_dict(connector_cfg)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(connector_cfg.get("init_seed", 0)))
-        connector_kwargs = {k: v for k, v in OmegaConf.to_container(connector_cfg, resolve=True).items() if k != "init_seed"}  # type: ignore[union-attr]
-        connector = instantiate(connector_kwargs, in_features=encoder.hidden_size, out_features=llm_width)
+        torch.manual_seed(int(connector_args.pop("init_seed", 0)))
+        connector = instantiate(
+            connector_args,
+            in_features=encoder.hidden_size,
+            out_features=llm.get_input_embeddings().embedding_dim,
+        )
+    for part, protocol, key in (
+        (encoder, VisionEncoder, "encoder"),
+        (connector, Connector, "connector"),
+    ):
+        if not isinstance(part, protocol):
+            raise ConfigError(
+                f"{key}._target_", f"{type(part).__name__} does not implement {protocol.__name__}."
+            )
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     return VisionLanguageModel(encoder, connector, llm, image_token_id), tokenizer

@@ -40,22 +40,32 @@ class HFVisionEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if family not in _FAMILIES:
-            raise ConfigError("encoder.family", f"unknown family {family!r}.", f"use one of {sorted(_FAMILIES)}.")
+            raise ConfigError(
+                "encoder.family", f"unknown family {family!r}.", f"use one of {sorted(_FAMILIES)}."
+            )
         if select_feature not in ("patch", "cls_patch"):
-            raise ConfigError("encoder.select_feature", f"got {select_feature!r}.", "use patch or cls_patch.")
+            raise ConfigError(
+                "encoder.select_feature", f"got {select_feature!r}.", "use patch or cls_patch."
+            )
         import transformers
 
         config_cls_name, model_cls_name, self.has_cls = _FAMILIES[family]
         model_cls = getattr(transformers, model_cls_name)
         if pretrained:
             if not name_or_path:
-                raise ConfigError("encoder.name_or_path", "pretrained=true needs a model id or folder.")
+                raise ConfigError(
+                    "encoder.name_or_path", "pretrained=true needs a model id or folder."
+                )
             self.vision = model_cls.from_pretrained(name_or_path)
         else:
             if not config:
-                raise ConfigError("encoder.config", "random init (pretrained=false) needs architecture numbers.")
+                raise ConfigError(
+                    "encoder.config", "random init (pretrained=false) needs architecture numbers."
+                )
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)  # random-init weights are a function of the config alone
+                torch.manual_seed(
+                    init_seed
+                )  # random-init weights are a function of the config alone
                 self.vision = model_cls(getattr(transformers, config_cls_name)(**config))
         vcfg = self.vision.config
         num_layers = vcfg.num_hidden_layers

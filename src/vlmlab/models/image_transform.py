@@ -27,9 +27,13 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.resize not in ("shortest_edge", "exact"):
-            raise ValueError(f"encoder.transform.resize must be shortest_edge|exact, got {self.resize!r}")
+            raise ValueError(
+                f"encoder.transform.resize must be shortest_edge|exact, got {self.resize!r}"
+            )
         if self.aspect not in ("pad", "resize", "crop"):
-            raise ValueError(f"encoder.transform.aspect must be pad|resize|crop, got {self.aspect!r}")
+            raise ValueError(
+                f"encoder.transform.aspect must be pad|resize|crop, got {self.aspect!r}"
+            )
         if self.resample not in _RESAMPLE:
             raise ValueError(f"encoder.transform.resample must be one of {sorted(_RESAMPLE)}")
 
@@ -43,9 +47,11 @@ class ImageTransform:
         else:
             image = _resize_shortest_edge(image, self.size, _RESAMPLE[self.resample])
             image = _center_crop(image, self.size)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        scaled = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        normed = ((scaled - mean) / std).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(normed.transpose(2, 0, 1)))
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
@@ -71,6 +77,6 @@ def _resize_shortest_edge(image: Image.Image, size: int, resample: Image.Resampl
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
-    left = int(round((width - size) / 2.0))
-    top = int(round((height - size) / 2.0))
+    left = round((width - size) / 2.0)
+    top = round((height - size) / 2.0)
     return image.crop((left, top, left + size, top + size))

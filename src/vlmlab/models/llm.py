@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlmlab.errors import ConfigError
 
@@ -35,18 +34,26 @@ def build_tokenizer(tokenizer_cfg: dict[str, Any]) -> Any:
 
     name = tokenizer_cfg.get("name_or_path")
     if not name:
-        raise ConfigError("llm.tokenizer.name_or_path", "is empty.", "set a hub id or a local folder.")
+        raise ConfigError(
+            "llm.tokenizer.name_or_path", "is empty.", "set a hub id or a local folder."
+        )
     kwargs = {k: v for k, v in tokenizer_cfg.items() if k not in ("name_or_path", "pad_token")}
     path = resolve_asset(name)
     if path != name and not Path(path).is_dir():
-        raise ConfigError("llm.tokenizer.name_or_path", f"bundled tokenizer {name} is missing at {path}.")
+        raise ConfigError(
+            "llm.tokenizer.name_or_path", f"bundled tokenizer {name} is missing at {path}."
+        )
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer_cfg.get("pad_token") or tokenizer.unk_token or tokenizer.eos_token
+        tokenizer.pad_token = (
+            tokenizer_cfg.get("pad_token") or tokenizer.unk_token or tokenizer.eos_token
+        )
     if tokenizer.bos_token_id is None and tokenizer_cfg.get("add_bos_token", False):
-        raise ConfigError("llm.tokenizer.add_bos_token", "is true but the tokenizer has no BOS token.")
+        raise ConfigError(
+            "llm.tokenizer.add_bos_token", "is true but the tokenizer has no BOS token."
+        )
     return tokenizer
 
 
@@ -57,7 +64,7 @@ def build_llm(
     config: dict[str, Any] | None = None,
     dtype: str = "float32",
     init_seed: int = 0,
-) -> nn.Module:
+) -> Any:
     """A causal LM whose vocabulary covers the tokenizer (including `<image>`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -69,7 +76,10 @@ def build_llm(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
     else:
         if not config or "model_type" not in config:
-            raise ConfigError("llm.config", "random init (pretrained=false) needs architecture numbers with model_type.")
+            raise ConfigError(
+                "llm.config",
+                "random init (pretrained=false) needs architecture numbers with model_type.",
+            )
         arch = dict(config)
         if arch.get("vocab_size") is None:
             arch["vocab_size"] = len(tokenizer)
@@ -79,6 +89,8 @@ def build_llm(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model = AutoModelForCausalLM.from_config(hf_config, dtype=_DTYPES[dtype])
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    embeddings: Any = model.get_input_embeddings()
+    vocab_rows = int(embeddings.weight.shape[0])
+    if len(tokenizer) > vocab_rows:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     return model

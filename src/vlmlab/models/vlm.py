@@ -26,7 +26,11 @@ class VLMOutput:
 class VisionLanguageModel(nn.Module):
     """Composition of a vision encoder, a connector and a causal LM."""
 
-    def __init__(self, encoder: nn.Module, connector: nn.Module, llm: nn.Module, image_token_id: int) -> None:
+    encoder: Any  # VisionEncoder (an nn.Module)
+    connector: Any  # Connector (an nn.Module)
+    llm: Any  # transformers PreTrainedModel
+
+    def __init__(self, encoder: Any, connector: Any, llm: nn.Module, image_token_id: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.connector = connector
@@ -69,7 +73,9 @@ class VisionLanguageModel(nn.Module):
         num_slots = int(is_image.sum())
         if pixel_values is None or pixel_values.shape[0] == 0:
             if num_slots:
-                raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given.")
+                raise ValueError(
+                    f"input_ids hold {num_slots} image tokens but no pixel_values were given."
+                )
             return embeds
         image_embeds = self.encode_images(pixel_values)  # (K, M, Dl)
         if num_slots != image_embeds.shape[0] * image_embeds.shape[1]:
@@ -96,8 +102,12 @@ class VisionLanguageModel(nn.Module):
         targets = labels[:, 1:]  # next-token prediction
         num_targets = int((targets != IGNORE_INDEX).sum())
         if num_targets == 0:
-            raise ValueError("batch has no target tokens: every label is -100 (check masking/template).")
+            raise ValueError(
+                "batch has no target tokens: every label is -100 (check masking/template)."
+            )
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
         )
         return VLMOutput(loss=loss, logits=logits, num_target_tokens=num_targets)

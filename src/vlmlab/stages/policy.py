@@ -43,10 +43,19 @@ def apply(policy: Any, model: nn.Module) -> StagePlan:
     for key, globs in (("stage.train", train_globs), ("stage.freeze", freeze_globs)):
         for pattern in globs:
             if not any(_matches(n, pattern) for n in names):
-                problems.append(f"{key}: glob {pattern!r} matches no parameter (components: {', '.join(COMPONENTS)}).")
-    trainable = [n for n in names if any(_matches(n, g) for g in train_globs) and not any(_matches(n, g) for g in freeze_globs)]
+                problems.append(
+                    f"{key}: glob {pattern!r} matches no parameter (components: {', '.join(COMPONENTS)})."
+                )
+    trainable = [
+        n
+        for n in names
+        if any(_matches(n, g) for g in train_globs)
+        and not any(_matches(n, g) for g in freeze_globs)
+    ]
     if not trainable and not problems:
-        problems.append("stage.train: nothing would train. Name at least one module, e.g. train: [connector].")
+        problems.append(
+            "stage.train: nothing would train. Name at least one module, e.g. train: [connector]."
+        )
     if problems:
         raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
     keep = set(trainable)
@@ -63,7 +72,14 @@ def parameter_table(model: nn.Module) -> list[dict[str, Any]]:
     for component, module in model.named_children():
         total = sum(p.numel() for p in module.parameters())
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        rows.append({"component": component, "trainable": trainable, "frozen": total - trainable, "total": total})
+        rows.append(
+            {
+                "component": component,
+                "trainable": trainable,
+                "frozen": total - trainable,
+                "total": total,
+            }
+        )
     return rows
 
 
@@ -71,8 +87,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """The `[TRAINABLE]` / `[Frozen]` table printed at the start of every stage."""
     lines = [f"{'component':<12}{'state':<13}{'trainable':>14}{'frozen':>14}{'total':>14}"]
     for row in rows:
-        state = "[Frozen]" if row["trainable"] == 0 else ("[TRAINABLE]" if row["frozen"] == 0 else "[partial]")
-        lines.append(f"{row['component']:<12}{state:<13}{row['trainable']:>14,}{row['frozen']:>14,}{row['total']:>14,}")
+        state = (
+            "[Frozen]"
+            if row["trainable"] == 0
+            else ("[TRAINABLE]" if row["frozen"] == 0 else "[partial]")
+        )
+        lines.append(
+            f"{row['component']:<12}{state:<13}{row['trainable']:>14,}{row['frozen']:>14,}{row['total']:>14,}"
+        )
     total_t = sum(r["trainable"] for r in rows)
     total = sum(r["total"] for r in rows)
     lines.append(f"{'all':<12}{'':<13}{total_t:>14,}{total - total_t:>14,}{total:>14,}")

@@ -43,7 +43,9 @@ def flatten(config: DictConfig) -> dict[str, Any]:
                 walk(value, f"{prefix}.{key}" if prefix else str(key))
         else:
             text = str(node)
-            flat[prefix] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+            flat[prefix] = (
+                text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
+            )
 
     walk(OmegaConf.to_container(config, resolve=True), "")
     return flat
@@ -53,10 +55,17 @@ def git_commit() -> dict[str, str]:
     """Commit and dirty flag of the working tree, when there is one."""
     try:
         here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         if commit.returncode != 0:
             return {}
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
-        return {"git.commit": commit.stdout.strip(), "git.dirty": str(bool(dirty.stdout.strip())).lower()}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return {
+            "git.commit": commit.stdout.strip(),
+            "git.dirty": str(bool(dirty.stdout.strip())).lower(),
+        }
     except (OSError, subprocess.SubprocessError):
         return {}

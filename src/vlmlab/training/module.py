@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):  # noqa: ANN201
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str):
     """Linear warmup, then cosine decay to zero (LLaVA) or constant."""
 
     def factor(step: int) -> float:
@@ -38,7 +38,9 @@ class VLMModule(L.LightningModule):
         if optim.get("schedule", "cosine") not in ("cosine", "constant"):
             from vlmlab.errors import ConfigError
 
-            raise ConfigError("stage.optim.schedule", f"got {optim.get('schedule')!r}.", "use cosine or constant.")
+            raise ConfigError(
+                "stage.optim.schedule", f"got {optim.get('schedule')!r}.", "use cosine or constant."
+            )
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(
@@ -55,7 +57,12 @@ class VLMModule(L.LightningModule):
             return None
         out = self(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/target_tokens", float(out.num_target_tokens), batch_size=batch_size, reduce_fx="sum")
+        self.log(
+            "train/target_tokens",
+            float(out.num_target_tokens),
+            batch_size=batch_size,
+            reduce_fx="sum",
+        )
         return out.loss
 
     def _count_skipped(self, batch: dict[str, Any]) -> None:
@@ -78,4 +85,7 @@ class VLMModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(warmup, self.total_steps, self.optim.get("schedule", "cosine"))
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
