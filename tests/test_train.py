@@ -66,7 +66,12 @@ def test_stage2_without_stage1_says_what_to_run(compose_cfg) -> None:
 
 def test_stage_chain_lm_then_1_then_2(compose_cfg, tmp_path: Path) -> None:
     """The demo chain on tiny data: each stage finds its predecessor without any path."""
-    demo = ("experiment=demo", "logger=none", "recipe.1.epochs=1", "recipe.2.epochs=1")
+    demo = (
+        "experiment=demo",
+        "logger=none",
+        "stage_overrides.1.stage.epochs=1",
+        "stage_overrides.2.stage.epochs=1",
+    )
     lm = train(compose_cfg(*demo, "stage=lm"))
     align = train(compose_cfg(*demo, "stage=1"))
     instruct = train(compose_cfg(*demo, "stage=2"))

@@ -62,8 +62,15 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt_dir) / META).read_text())
 
 
-def load_chain(model: nn.Module, ckpt_dir: Path) -> list[Path]:
-    """Load `ckpt_dir` and its ancestors (root first) into `model`; returns the chain."""
+def load_chain(model: nn.Module, ckpt_dir: Path, merge_last: bool = True) -> list[Path]:
+    """Load `ckpt_dir` and its ancestors (root first) into `model`; returns the chain.
+
+    A LoRA checkpoint is loaded by wrapping its component with the recorded adapter config,
+    loading the adapters and folding them into the base weights. With `merge_last=False` the
+    last checkpoint's adapters stay separate (to compare merged and unmerged outputs).
+    """
+    from vlmlab.stages.policy import merge_lora, wrap_lora
+
     chain: list[Path] = []
     current: Path | None = Path(ckpt_dir)
     while current is not None:
@@ -76,26 +83,61 @@ def load_chain(model: nn.Module, ckpt_dir: Path) -> list[Path]:
         chain.append(current)
         parent = read_meta(current).get("parent")
         current = Path(parent) if parent else None
-    params = dict(model.named_parameters())
     for path in reversed(chain):
-        tensors = load_file(str(path / WEIGHTS))
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ConfigError(
-                "stage.init_from",
-                f"{path} has weights this model lacks: {unknown[:3]}...",
-                "check encoder/connector/llm.",
-            )
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                if params[name].shape != tensor.shape:
-                    raise ConfigError(
-                        "stage.init_from",
-                        f"{path}: {name} is {tuple(tensor.shape)}, model has {tuple(params[name].shape)}.",
-                    )
-                params[name].copy_(tensor)
-        log.info("loaded %d tensors from %s", len(tensors), path)
+        lora = read_meta(path).get("lora")
+        if lora:
+            wrap_lora(model, lora)
+        _load_tensors(model, path)
+        if lora and (merge_last or path != chain[0]):
+            merge_lora(model, lora["target"])
     return chain
+
+
+def _load_tensors(model: nn.Module, path: Path) -> None:
+    params = dict(model.named_parameters())
+    tensors = load_file(str(path / WEIGHTS))
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ConfigError(
+            "stage.init_from",
+            f"{path} has weights this model lacks: {unknown[:3]}...",
+            "check encoder/connector/llm.",
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise ConfigError(
+                    "stage.init_from",
+                    f"{path}: {name} is {tuple(tensor.shape)}, model has {tuple(params[name].shape)}.",
+                )
+            params[name].copy_(tensor)
+    log.info("loaded %d tensors from %s", len(tensors), path)
+
+
+def from_mlflow(reference: str, tracking_uri: str) -> Path:
+    """`runs:/<run_id>` or a bare run id -> the checkpoint folder that run recorded."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id = reference.removeprefix("runs:/").strip("/").split("/")[0]
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(
+            "stage.init_from", f"MLflow run {run_id!r} not found in {tracking_uri}."
+        ) from err
+    path = run.data.tags.get("checkpoint")
+    if not path:
+        raise ConfigError(
+            "stage.init_from", f"MLflow run {run_id} has no checkpoint tag (did it finish?)."
+        )
+    return Path(path)
+
+
+def is_run_reference(value: str) -> bool:
+    return value.startswith("runs:/") or (
+        len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def find_latest(ckpt_root: Path, stage: str, fingerprints: dict[str, str]) -> Path | None:
@@ -110,7 +152,7 @@ def find_latest(ckpt_root: Path, stage: str, fingerprints: dict[str, str]) -> Pa
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             continue
-        if str(meta.get("stage")) != str(stage):
+        if str(meta.get("stage")) != str(stage) or not meta.get("complete", True):
             continue
         recorded: dict[str, str] = meta.get("fingerprints", {})
         if any(fingerprints.get(c) != fp for c, fp in recorded.items()):

@@ -14,6 +14,9 @@ log = logging.getLogger("vlmlab")
 VERBS = {
     "train": "train one stage: vlmlab train [hydra overrides], same as `python train.py ...`",
     "demo": "run the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy",
+    "merge": "fold a checkpoint chain (LoRA adapters included) into one model: vlmlab merge CKPT --out DIR",
+    "plan": "parameters, trainable parameters and memory per GPU of a composition, no download",
+    "export": "write a transformers LlavaForConditionalGeneration folder: vlmlab export --out DIR ...",
 }
 
 
@@ -71,6 +74,118 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
+def merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vlmlab merge", description=VERBS["merge"])
+    parser.add_argument("checkpoint", help="a vlmlab checkpoint folder (runs/checkpoints/<run>)")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from vlmlab.logs import setup_logging
+    from vlmlab.merge import merge_checkpoint
+
+    setup_logging()
+    try:
+        out = merge_checkpoint(Path(args.checkpoint), Path(args.out))
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    log.info("merged model written to %s", out)
+    return 0
+
+
+def plan(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlmlab plan",
+        description=VERBS["plan"] + ". Builds the model on the meta device from the presets' "
+        "architecture numbers; the memory formula is in `vlmlab.plan`'s docstring.",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. llm=vicuna7b stage=2")
+    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    parser.add_argument(
+        "--strategy",
+        help="ddp | fsdp | deepspeed_zero1/2/3 (default: trainer.strategy, auto = ddp)",
+    )
+    parser.add_argument(
+        "--gpus", type=int, help="world size (default: trainer.devices x trainer.num_nodes)"
+    )
+    parser.add_argument("--precision", help="e.g. bf16-mixed, 32-true (default: trainer.precision)")
+    parser.add_argument("--micro-batch", type=int, help="default: data.batch_size")
+    parser.add_argument("--seq-len", type=int, help="tokens per sample (default: data.max_length)")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="activation (gradient) checkpointing"
+    )
+    args = parser.parse_args(argv)
+    from vlmlab import plan as planning
+    from vlmlab.config import compose
+
+    try:
+        result = planning.plan(
+            compose(args.overrides),
+            strategy=args.strategy,
+            gpus=args.gpus,
+            precision=args.precision,
+            micro_batch=args.micro_batch,
+            seq_len=args.seq_len,
+            checkpointing=args.checkpointing,
+        )
+    except ConfigError as err:
+        print(f"vlmlab plan: configuration error: {err}", file=sys.stderr)
+        return 2
+    print(planning.to_json(result) if args.json else planning.format_plan(result))
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlmlab export",
+        description=VERBS["export"] + ". With --checkpoint, the model is rebuilt from the "
+        "configs its meta.json records and its whole chain is loaded (LoRA folded in); "
+        "without, the composition given by the Hydra overrides is exported as built.",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (without --checkpoint)")
+    parser.add_argument("--checkpoint", help="a vlmlab checkpoint folder (runs/checkpoints/<run>)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--template", help="chat template written for the processor (default: llm.template)"
+    )
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from vlmlab.data.templates import get_template
+    from vlmlab.logs import setup_logging
+    from vlmlab.models.hf_llava import export_hf_llava
+
+    setup_logging()
+    try:
+        if args.checkpoint:
+            if args.overrides:
+                raise ConfigError(
+                    "overrides",
+                    "a checkpoint records its own configs.",
+                    "drop the overrides or --checkpoint.",
+                )
+            from vlmlab.merge import build_from_checkpoint
+
+            model, tokenizer, meta = build_from_checkpoint(Path(args.checkpoint))
+            template_name = args.template or meta["config"]["llm"].get("template")
+        else:
+            from vlmlab.config import compose
+            from vlmlab.models import build_vlm
+
+            cfg = compose(args.overrides)
+            model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+            model.eval()
+            template_name = args.template or cfg.llm.get("template")
+        template = get_template(template_name, tokenizer.eos_token) if template_name else None
+        out = export_hf_llava(model, tokenizer, Path(args.out), template)
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        return 2
+    log.info("load it with LlavaForConditionalGeneration.from_pretrained(%r)", str(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -84,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         train_main()
     elif verb == "demo":
         raise SystemExit(demo(rest))
+    elif verb == "merge":
+        raise SystemExit(merge(rest))
+    elif verb == "plan":
+        raise SystemExit(plan(rest))
+    elif verb == "export":
+        raise SystemExit(export(rest))
     else:
         print(f"vlmlab: unknown verb {verb!r}; choose from {', '.join(VERBS)}", file=sys.stderr)
         raise SystemExit(2)

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 def conf_dir() -> Path:
@@ -58,4 +58,24 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)
+    return apply_stage_overrides(cfg)
+
+
+def apply_stage_overrides(cfg: DictConfig) -> DictConfig:
+    """Merge `stage_overrides[<stage name>]` (an experiment's per-stage deltas) into the config.
+
+    An experiment states its recipe per stage (`stage_overrides: {"1": {stage: {optim: {lr: 2e-3}}}}`);
+    the entry of the stage that runs is merged at the root, then the table is emptied, so the
+    call is idempotent and the logged config is the effective one.
+    """
+    table = cfg.get("stage_overrides")
+    if not table:
+        return cfg
+    delta = table.get(str(cfg.stage.name))
+    with open_dict(cfg):
+        if delta:
+            merged = OmegaConf.merge(cfg, delta)
+            for key in delta:
+                cfg[key] = merged[key]
+        cfg.stage_overrides = {}
     return cfg

@@ -5,6 +5,7 @@ compose -> build_vlm -> init_from -> stages.apply -> data -> Lightning fit -> ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -12,19 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from vlmlab import checkpoints, stages
-from vlmlab.data.datamodule import EpochSetter, VLMDataModule
+from vlmlab.config import apply_stage_overrides
+from vlmlab.data.datamodule import StreamPosition, VLMDataModule
 from vlmlab.data.prepare import resolve_dataset
 from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.eval.heldout import HeldoutEval
 from vlmlab.logs import setup_logging
-from vlmlab.models import build_vlm
+from vlmlab.models import as_dict, build_vlm
 from vlmlab.stages.policy import format_table
 from vlmlab.tracking.mlflow import flatten, git_commit, tracking_uri
 from vlmlab.training.module import VLMModule
@@ -32,6 +33,14 @@ from vlmlab.training.module import VLMModule
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("encoder", "connector", "llm")
+# Keys that do not change what a run computes: a resumed run may differ in them.
+_NOT_IDENTITY = (
+    "resume",
+    "checkpoint",
+    "trainer.max_steps",
+    "trainer.enable_progress_bar",
+    "logger.run_name",
+)
 
 
 def hydra_choices(cfg: DictConfig) -> dict[str, str]:
@@ -50,6 +59,12 @@ def task_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    return (
+        OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    )
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -76,21 +91,66 @@ def accumulation(cfg: DictConfig) -> int:
     return global_batch // per_step
 
 
+def run_key(cfg: DictConfig) -> str:
+    """Identity of a run's computation: equal keys may resume each other's checkpoints."""
+    data = OmegaConf.to_container(without_hydra(cfg), resolve=True)
+    assert isinstance(data, dict)
+    for dotted in _NOT_IDENTITY:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"stage{cfg.stage.name}-{digest}"
+
+
+def resolve_resume(cfg: DictConfig, resume_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+    """`resume`: null, auto (this config's unfinished run) or a Lightning .ckpt path."""
+    value = cfg.get("resume")
+    if value in (None, "", "null"):
+        return None, {}
+    if value == "auto":
+        last = resume_dir / "last.ckpt"
+        if not last.is_file() or (resume_dir / "FINISHED").is_file():
+            log.info("resume=auto: no unfinished run of this config; starting fresh")
+            return None, {}
+        path = last
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(
+                "resume", f"{path} is not a checkpoint file.", "use auto or a path to a .ckpt."
+            )
+    state_file = path.parent / "run.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    log.info("resuming from %s", path)
+    return path, state
+
+
 def resolve_init(
-    cfg: DictConfig, fingerprints: dict[str, str], ckpt_root: Path, choices: dict[str, str]
+    cfg: DictConfig,
+    fingerprints: dict[str, str],
+    ckpt_root: Path,
+    choices: dict[str, str],
+    uri: str,
 ) -> Path | None:
-    """`stage.init_from`: null, a checkpoint folder, or `auto` (newest finished `stage.previous`)."""
+    """`stage.init_from`: null, a checkpoint folder, an MLflow run (id or runs:/), or `auto`."""
     init_from = cfg.stage.get("init_from")
     previous = cfg.stage.get("previous")
     if init_from in (None, "", "null") or (init_from == "auto" and previous is None):
         return None
     if init_from != "auto":
-        path = Path(init_from)
-        meta = checkpoints.read_meta(path) if (path / checkpoints.META).is_file() else None
-        if meta is None:
+        path = (
+            checkpoints.from_mlflow(init_from, uri)
+            if checkpoints.is_run_reference(init_from)
+            else Path(init_from)
+        )
+        if not (path / checkpoints.META).is_file():
             raise ConfigError(
                 "stage.init_from", f"{path} is not a vlmlab checkpoint folder (no meta.json)."
             )
+        meta = checkpoints.read_meta(path)
         differ = [c for c, fp in meta.get("fingerprints", {}).items() if fingerprints.get(c) != fp]
         if differ:
             raise ConfigError(
@@ -111,7 +171,9 @@ def resolve_init(
     return found
 
 
-def build_logger(cfg: DictConfig, root: Path, choices: dict[str, str]) -> Any:
+def build_logger(
+    cfg: DictConfig, root: Path, choices: dict[str, str], run_id: str | None = None
+) -> Any:
     if cfg.logger.kind == "none":
         return None
     if cfg.logger.kind != "mlflow":
@@ -133,6 +195,7 @@ def build_logger(cfg: DictConfig, root: Path, choices: dict[str, str]) -> Any:
         tracking_uri=tracking_uri(cfg.logger.get("tracking_uri"), root),
         tags=tags,
         artifact_location=str((root / "mlartifacts").resolve().as_uri()),
+        run_id=run_id,
     )
 
 
@@ -140,20 +203,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage; returns the checkpoint folder and the final metrics."""
     started = time.time()
     setup_logging()
+    cfg = apply_stage_overrides(cfg)
     root = Path(cfg.paths.root).resolve()
     ckpt_root = root / "checkpoints"
     choices = hydra_choices(cfg)
+    uri = tracking_uri(cfg.logger.get("tracking_uri"), root) if cfg.logger.kind == "mlflow" else ""
     L.seed_everything(int(cfg.seed), workers=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    stages.check_before_build(cfg.stage)
+    resume_dir = root / "resume" / run_key(cfg)
+    resume_from, resume_state = resolve_resume(cfg, resume_dir)
 
     # embed -> encode -> project -> scatter -> decode
-    model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+    quantize = as_dict(cfg.stage.quantize) if cfg.stage.get("quantize") else None
+    model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm, quantization=quantize)
     fingerprints = {c: checkpoints.component_fingerprint(cfg[c]) for c in COMPONENTS}
-    init = resolve_init(cfg, fingerprints, ckpt_root, choices)
+    # Validate init_from and the policy together: one message lists every problem.
+    problems: list[ConfigError] = []
+    init: Path | None = None
+    try:
+        if resume_from is not None:
+            init = Path(resume_state["init"]) if resume_state.get("init") else None
+        else:
+            init = resolve_init(cfg, fingerprints, ckpt_root, choices, uri)
+    except ConfigError as err:
+        problems.append(err)
     if init is not None:
         checkpoints.load_chain(model, init)
-
-    plan = stages.apply(cfg.stage, model)
+    try:
+        plan = stages.apply(cfg.stage, model)
+    except ConfigError as err:
+        problems.append(err)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigError(
+            "stage", "problems found before training:\n  " + "\n  ".join(map(str, problems))
+        )
     table = format_table(plan.table)
     log.info("stage %s parameters:\n%s", cfg.stage.name, table)
 
@@ -177,9 +262,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     accumulate = accumulation(cfg)
     epochs = int(cfg.stage.epochs)
     total_steps = max(1, epochs * datamodule.batches_per_epoch(world_size(cfg)) // accumulate)
-    module = VLMModule(model, OmegaConf.to_container(cfg.stage.optim, resolve=True), total_steps)  # type: ignore[arg-type]
+    logger = build_logger(cfg, root, choices, run_id=resume_state.get("mlflow_run_id"))
+    run_id = getattr(logger, "run_id", None)
+    module = VLMModule(
+        model,
+        as_dict(cfg.stage.optim),
+        total_steps,
+        groups=plan.groups,
+        extra_state={"init": str(init) if init else None, "mlflow_run_id": run_id},
+    )
 
-    callbacks: list[L.Callback] = [EpochSetter()]
+    callbacks: list[L.Callback] = [
+        StreamPosition(),
+        ModelCheckpoint(
+            dirpath=resume_dir,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=int(cfg.checkpoint.every_n_steps),
+            enable_version_counter=False,
+        ),
+    ]
     heldout_cb = None
     if cfg.stage.get("evaluate") and dataset.get("heldout") is not None:
         heldout_cb = HeldoutEval(
@@ -187,65 +289,79 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             model.encoder.image_transform,
             dataset["heldout"],
             dataset["image_root"],
-            **OmegaConf.to_container(cfg.data.heldout, resolve=True),
-        )  # type: ignore[arg-type]
+            **as_dict(cfg.data.heldout),
+        )
         callbacks.append(heldout_cb)
-    logger = build_logger(cfg, root, choices)
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer = L.Trainer(
-        **trainer_kwargs,  # type: ignore[arg-type]
+        **as_dict(cfg.trainer),
         max_epochs=epochs,
         accumulate_grad_batches=accumulate,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        enable_checkpointing=False,
         default_root_dir=str(root / "lightning"),
     )
-    if logger is not None and trainer.is_global_zero:
-        clean = (
-            OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
-            if "hydra" in cfg
-            else cfg
+    if trainer.is_global_zero:
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        (resume_dir / "run.json").write_text(
+            json.dumps({"init": str(init) if init else None, "mlflow_run_id": run_id})
         )
-        logger.log_hyperparams(flatten(clean))
-        client, run_id = logger.experiment, logger.run_id
-        client.log_text(run_id, OmegaConf.to_yaml(clean, resolve=True), "config.yaml")
-        client.log_text(run_id, "\n".join(task_overrides()) + "\n", "overrides.txt")
-        client.log_text(run_id, table + "\n", "parameters.txt")
-        for row in plan.table:
-            client.log_param(run_id, f"params.{row['component']}.trainable", row["trainable"])
-        if init is not None:
-            client.set_tag(run_id, "init_from", str(init))
-    trainer.fit(module, datamodule=datamodule)
+        if logger is not None and resume_from is None:
+            _log_run_start(logger, cfg, table, plan, init)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if heldout_cb is not None and heldout_cb.result is not None:
         metrics["eval/accuracy"] = heldout_cb.result["accuracy"]
-    result: dict[str, Any] = {
-        "metrics": metrics,
-        "checkpoint": None,
-        "seconds": time.time() - started,
-    }
+    # Stopped early (max_steps, Ctrl-C) = resumable, not complete: never picked by init_from=auto.
+    hit_max_steps = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+    complete = trainer.current_epoch >= epochs and not trainer.interrupted and not hit_max_steps
+    result: dict[str, Any] = {"metrics": metrics, "checkpoint": None, "complete": complete}
+    result["seconds"] = time.time() - started
     if trainer.is_global_zero:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"{stamp}-stage{cfg.stage.name}-{'-'.join(choices.get(c, c) for c in COMPONENTS)}-{int(time.time() * 1e6) % 10**6:06d}"
-        uses = list(cfg.stage.get("uses") or COMPONENTS)
         meta = {
+            "complete": complete,
             "stage": str(cfg.stage.name),
             "choices": choices,
-            "fingerprints": {c: fingerprints[c] for c in uses},
+            "fingerprints": {c: fingerprints[c] for c in list(cfg.stage.get("uses") or COMPONENTS)},
+            "config": {c: as_dict(cfg[c]) for c in COMPONENTS},
+            "template": str(cfg.stage.template),
+            "lora": plan.lora,
             "parent": str(init) if init is not None else None,
-            "mlflow_run_id": getattr(logger, "run_id", None),
+            "mlflow_run_id": run_id,
             "global_step": trainer.global_step,
             "metrics": metrics,
         }
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{stamp}-stage{cfg.stage.name}-{'-'.join(choices.get(c, c) for c in COMPONENTS)}-{time.time_ns() % 10**6:06d}"
         result["checkpoint"] = str(checkpoints.save_trainable(model, ckpt_root / name, meta))
+        if complete:
+            (resume_dir / "FINISHED").write_text(result["checkpoint"] + "\n")
         if logger is not None:
-            logger.experiment.set_tag(logger.run_id, "checkpoint", result["checkpoint"])
-            logger.experiment.log_text(
-                logger.run_id, json.dumps(meta, indent=1), "checkpoint_meta.json"
-            )
+            logger.experiment.set_tag(run_id, "checkpoint", result["checkpoint"])
+            logger.experiment.log_text(run_id, json.dumps(meta, indent=1), "checkpoint_meta.json")
     log.info("stage %s done in %.1fs: %s", cfg.stage.name, result["seconds"], metrics)
     return result
+
+
+def _log_run_start(
+    logger: Any, cfg: DictConfig, table: str, plan: stages.StagePlan, init: Path | None
+) -> None:
+    clean = without_hydra(cfg)
+    logger.log_hyperparams(flatten(clean))
+    client, run_id = logger.experiment, logger.run_id
+    client.log_text(run_id, OmegaConf.to_yaml(clean, resolve=True), "config.yaml")
+    client.log_text(run_id, "\n".join(task_overrides()) + "\n", "overrides.txt")
+    client.log_text(run_id, table + "\n", "parameters.txt")
+    for row in plan.table:
+        client.log_param(run_id, f"params.{row['component']}.trainable", row["trainable"])
+    client.log_param(run_id, "trainer.world_size", world_size(cfg))
+    client.log_param(run_id, "trainer.accumulate_grad_batches", accumulation(cfg))
+    for group in plan.groups:
+        client.log_param(run_id, f"optim.group.{group['name']}.lr", group["lr"])
+    if init is not None:
+        client.set_tag(run_id, "init_from", str(init))
+        parent_run = checkpoints.read_meta(init).get("mlflow_run_id")
+        if parent_run:
+            client.set_tag(run_id, "parent_stage_run", parent_run)

@@ -53,9 +53,22 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch already trained (resume mid-epoch)
+        self.batch_size = 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _samples_to_skip(self) -> int:
+        """Samples this worker already delivered in the first `skip_batches` batches.
+
+        The DataLoader takes batches from its workers in strict round robin, so worker w
+        produced batches w, w+W, ... of the epoch.
+        """
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = len(range(worker, self.skip_batches, num_workers))
+        return mine * self.batch_size
 
     def my_shards(self) -> list[str]:
         info = get_worker_info()
@@ -79,6 +92,16 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}")
         buffer: list[dict[str, Any]] = []
         skipped: Counter[str] = Counter()
+        to_skip = self._samples_to_skip()
+        for sample in self._shuffled(rng, buffer, skipped):
+            if to_skip > 0 and not sample.get("empty"):
+                to_skip -= 1
+                continue
+            yield sample
+
+    def _shuffled(
+        self, rng: random.Random, buffer: list[dict[str, Any]], skipped: Counter[str]
+    ) -> Iterator[dict[str, Any]]:
         for raw in self.raw_samples():
             try:
                 sample = self.process(raw)
@@ -189,6 +212,10 @@ class VLMDataModule(L.LightningDataModule):
         self.seed = seed
         self._prepare = prepare
         self._train: ShardStream | None = None
+        self.epoch = 0
+        self.batches_done = 0  # in the current epoch, counted by StreamPosition
+        self._resume_batches = 0
+        self._resume_epoch = -1
 
     def prepare_data(self) -> None:
         if self._prepare is not None:
@@ -215,8 +242,20 @@ class VLMDataModule(L.LightningDataModule):
         return max(1, workers * math.ceil((most + 1) / self.batch_size))
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.batches_done = 0
+        self.epoch = epoch
         if self._train is not None:
             self._train.set_epoch(epoch)
+            self._train.skip_batches = self._resume_batches if epoch == self._resume_epoch else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: where the stream stands, so resume neither replays nor skips."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = self._resume_epoch = int(state.get("epoch", 0))
+        self.batches_done = self._resume_batches = int(state.get("batches_done", 0))
 
     def train_dataloader(self) -> DataLoader:
         manifest = self.manifest
@@ -239,6 +278,10 @@ class VLMDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
         )
+        self._train.batch_size = self.batch_size
+        self._train.set_epoch(self.epoch)
+        if self.epoch == self._resume_epoch:
+            self._train.skip_batches = self._resume_batches
         return DataLoader(
             self._train,
             batch_size=self.batch_size,
@@ -248,10 +291,20 @@ class VLMDataModule(L.LightningDataModule):
         )
 
 
-class EpochSetter(L.Callback):
-    """Hands the epoch number to the stream so each epoch has its own shuffle order."""
+class StreamPosition(L.Callback):
+    """Tells the stream the epoch (its own shuffle order) and counts batches for exact resume."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if isinstance(datamodule, VLMDataModule):
             datamodule.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(datamodule, VLMDataModule):
+            datamodule.batches_done += 1
+
+
+EpochSetter = StreamPosition  # earlier name

@@ -40,6 +40,11 @@ class Template:
         raise NotImplementedError
 
 
+def _check_prompt_turns(turns: list[Turn]) -> None:
+    if not turns or turns[-1].role != "human":
+        raise ValueError("a generation prompt needs turns that end with a human turn")
+
+
 class PlainTemplate(Template):
     """LLaVA stage 1 (`plain`): the image followed by its caption; no system prompt, no roles."""
 
@@ -84,6 +89,7 @@ class VicunaV1Template(Template):
         return segments
 
     def prompt(self, turns: list[Turn]) -> str:
+        _check_prompt_turns(turns)
         return "".join(text for text, _ in self.render(turns))
 
     @property
@@ -91,16 +97,168 @@ class VicunaV1Template(Template):
         return self.eos
 
 
-_TEMPLATES: dict[str, type[Template]] = {"plain": PlainTemplate, "vicuna_v1": VicunaV1Template}
+class Llama3Template(Template):
+    """Llama-3 Instruct (`llama3`), meta-llama/Meta-Llama-3-8B-Instruct.
+
+    Source: the `chat_template` of that repo's tokenizer_config.json: bos_token, then per message
+    `'<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + content | trim + '<|eot_id|>'`,
+    generation prompt `'<|start_header_id|>assistant<|end_header_id|>\\n\\n'`; no default system
+    prompt. `<|begin_of_text|>` is the tokenizer's BOS, added by its post-processor (`adds_bos`).
+    """
+
+    name = "llama3"
+    eot = "<|eot_id|>"
+
+    @staticmethod
+    def header(role: str) -> str:
+        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+    def render(self, turns: list[Turn]) -> list[Segment]:
+        segments: list[Segment] = []
+        for turn in turns:
+            text = turn.text.strip()  # Jinja `| trim`
+            if turn.role == "human":
+                user = self.header("user") + text + self.eot + self.header("assistant")
+                segments.append((user, False))
+            else:
+                segments.append((text + self.eot, True))
+        return segments
+
+    def prompt(self, turns: list[Turn]) -> str:
+        _check_prompt_turns(turns)
+        return "".join(text for text, _ in self.render(turns))
+
+    @property
+    def stop(self) -> str:
+        return self.eot
+
+
+class ChatMLTemplate(Template):
+    """ChatML as Qwen2 Instruct uses it (`chatml`), Qwen/Qwen2-7B-Instruct and Qwen2-0.5B-Instruct.
+
+    Source: the `chat_template` of those repos' tokenizer_config.json: a default system message
+    `'<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n'`, then per message
+    `'<|im_start|>' + role + '\\n' + content + '<|im_end|>' + '\\n'`, generation prompt
+    `'<|im_start|>assistant\\n'`. Qwen2 tokenizers have no BOS.
+    """
+
+    name = "chatml"
+    adds_bos = False
+    system = "You are a helpful assistant."
+    eot = "<|im_end|>"
+
+    def render(self, turns: list[Turn]) -> list[Segment]:
+        segments: list[Segment] = [(f"<|im_start|>system\n{self.system}{self.eot}\n", False)]
+        for turn in turns:
+            if turn.role == "human":
+                user = f"<|im_start|>user\n{turn.text}{self.eot}\n<|im_start|>assistant\n"
+                segments.append((user, False))
+            else:
+                segments += [(turn.text + self.eot, True), ("\n", False)]
+        return segments
+
+    def prompt(self, turns: list[Turn]) -> str:
+        _check_prompt_turns(turns)
+        return "".join(text for text, _ in self.render(turns))
+
+    @property
+    def stop(self) -> str:
+        return self.eot
+
+
+class MistralTemplate(Template):
+    """Mistral Instruct v0.1/v0.2 (`mistral`): `[INST] q [/INST] a</s> [INST] q2 [/INST] a2</s>`.
+
+    Source: mistral_common's InstructTokenizerV1 (Mistral's reference: BOS, then each user turn
+    `[INST] q [/INST]` and each reply `a` + EOS, every piece SentencePiece-encoded on its own, so
+    each starts with the dummy-prefix space), equal to the repo's Jinja
+    `bos_token + (' [INST] ' + q + ' [/INST]' | ' ' + a + eos_token)*`. The space after `<s>` in
+    that Jinja text is the SentencePiece dummy prefix, which the tokenizer adds itself at the start
+    of the text; so the text here starts at `[INST]` and the tokenizer adds BOS.
+    """
+
+    name = "mistral"
+
+    def __init__(self, eos: str = "</s>") -> None:
+        self.eos = eos
+
+    def render(self, turns: list[Turn]) -> list[Segment]:
+        segments: list[Segment] = []
+        for i, turn in enumerate(turns):
+            if turn.role == "human":
+                segments.append(((" " if i else "") + f"[INST] {turn.text} [/INST]", False))
+            else:
+                segments.append((f" {turn.text}{self.eos}", True))
+        return segments
+
+    def prompt(self, turns: list[Turn]) -> str:
+        _check_prompt_turns(turns)
+        return "".join(text for text, _ in self.render(turns))
+
+    @property
+    def stop(self) -> str:
+        return self.eos
+
+
+class Phi3Template(Template):
+    """Phi-3 (`phi3`), microsoft/Phi-3-mini-4k-instruct.
+
+    Source: the `chat_template` of that repo's tokenizer_config.json: per message
+    `'<|user|>\\n' + content + '<|end|>\\n'` / `'<|assistant|>\\n' + content + '<|end|>\\n'`, then
+    `'<|assistant|>\\n'` as the generation prompt, else `eos_token` (`<|endoftext|>`) after the last
+    message. No BOS: the template has none and the tokenizer's `add_bos_token` is false.
+    """
+
+    name = "phi3"
+    adds_bos = False
+    eot = "<|end|>"
+
+    def __init__(self, eos: str = "<|endoftext|>") -> None:
+        self.eos = eos
+
+    def _turns(self, turns: list[Turn]) -> list[Segment]:
+        segments: list[Segment] = []
+        for turn in turns:
+            if turn.role == "human":
+                segments.append((f"<|user|>\n{turn.text}{self.eot}\n<|assistant|>\n", False))
+            else:
+                segments += [(turn.text + self.eot, True), ("\n", False)]
+        return segments
+
+    def render(self, turns: list[Turn]) -> list[Segment]:
+        return [*self._turns(turns), (self.eos, False)]
+
+    def prompt(self, turns: list[Turn]) -> str:
+        _check_prompt_turns(turns)
+        return "".join(text for text, _ in self._turns(turns))
+
+    @property
+    def stop(self) -> str:
+        return self.eot
+
+
+_TEMPLATES: dict[str, type[Template]] = {
+    cls.name: cls
+    for cls in (
+        PlainTemplate,
+        VicunaV1Template,
+        Llama3Template,
+        ChatMLTemplate,
+        MistralTemplate,
+        Phi3Template,
+    )
+}
+_TAKES_EOS = (VicunaV1Template, MistralTemplate, Phi3Template)
 
 
 def get_template(name: str, eos_token: str | None = None) -> Template:
-    """Template by name; `key` in errors is the config key that selected it."""
+    """Template by name (`stage.template`); `eos_token` is the tokenizer's, for templates that
+    write it (vicuna_v1, mistral: the end of a reply; phi3: the end of the conversation)."""
     if name not in _TEMPLATES:
         raise ConfigError(
             "stage.template", f"unknown template {name!r}.", f"use one of {sorted(_TEMPLATES)}."
         )
     cls = _TEMPLATES[name]
-    if cls is VicunaV1Template and eos_token:
-        return VicunaV1Template(eos=eos_token)
+    if eos_token and issubclass(cls, _TAKES_EOS):
+        return cls(eos=eos_token)  # type: ignore[call-arg]
     return cls()

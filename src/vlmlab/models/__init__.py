@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as _hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlmlab.errors import ConfigError
@@ -16,6 +17,16 @@ from vlmlab.models.vlm import VisionLanguageModel
 __all__ = ["IMAGE_TOKEN", "VisionLanguageModel", "build_tokenizer", "build_vlm"]
 
 
+def instantiate(config: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a ConfigError raised by the target surfaces unwrapped."""
+    try:
+        return _hydra_instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+
+
 def as_dict(cfg: DictConfig) -> dict[str, Any]:
     """Resolved plain dict of a config node."""
     data = OmegaConf.to_container(cfg, resolve=True)
@@ -24,7 +35,10 @@ def as_dict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_vlm(
-    encoder_cfg: DictConfig, connector_cfg: DictConfig, llm_cfg: DictConfig
+    encoder_cfg: DictConfig,
+    connector_cfg: DictConfig,
+    llm_cfg: DictConfig,
+    quantization: dict[str, Any] | None = None,
 ) -> tuple[VisionLanguageModel, Any]:
     """Build the model and its tokenizer. Connector widths come from the built parts."""
     encoder = instantiate(encoder_cfg, _convert_="all")
@@ -37,6 +51,7 @@ def build_vlm(
         config=llm_args.get("config"),
         dtype=llm_args.get("dtype", "float32"),
         init_seed=int(llm_args.get("init_seed", 0)),
+        quantization=quantization,
     )
     connector_args = as_dict(connector_cfg)
     with torch.random.fork_rng(devices=[]):

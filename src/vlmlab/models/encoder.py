@@ -2,6 +2,12 @@
 
 LLaVA reads the penultimate layer (`select_layer=-2`) and drops the CLS token. SigLIP has no
 CLS token, so `has_cls` is a property of the encoder family and no real patch is ever dropped.
+
+Two backends implement the same contract from one preset YAML (`encoder.backend`):
+`transformers` (CLIPVisionModel / SiglipVisionModel, the default) and `timm`
+(`vlmlab.models.timm_encoder.TimmVisionEncoder`). `select_layer` indexes the hidden states as
+transformers does in both: 0 = embeddings (after CLIP's pre-norm), k = output of block k,
+-1 = last block, -2 = penultimate.
 """
 
 from __future__ import annotations
@@ -22,6 +28,47 @@ _FAMILIES = {
     "clip": ("CLIPVisionConfig", "CLIPVisionModel", True),
     "siglip": ("SiglipVisionConfig", "SiglipVisionModel", False),
 }
+BACKENDS = ("transformers", "timm")
+SELECT_FEATURES = ("patch", "cls_patch")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# keys of an encoder preset that only one backend reads
+_TIMM_ONLY = ("timm_name", "timm_kwargs", "timm_checkpoint")
+_HF_ONLY = ("name_or_path",)
+
+
+def check_family(family: str) -> bool:
+    """Validate `encoder.family`; returns whether the family has a CLS token."""
+    if family not in _FAMILIES:
+        raise ConfigError(
+            "encoder.family", f"unknown family {family!r}.", f"use one of {sorted(_FAMILIES)}."
+        )
+    return _FAMILIES[family][2]
+
+
+def check_select_feature(select_feature: str) -> None:
+    if select_feature not in SELECT_FEATURES:
+        raise ConfigError(
+            "encoder.select_feature", f"got {select_feature!r}.", "use patch or cls_patch."
+        )
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """`encoder.dtype` as a torch dtype (weights load in it, not in the checkpoint's dtype)."""
+    if dtype not in _DTYPES:
+        raise ConfigError("encoder.dtype", f"got {dtype!r}.", f"use one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+
+
+def hidden_state_index(select_layer: int, num_layers: int) -> int:
+    """`select_layer` as a non-negative index into the L+1 hidden states (0 = embeddings)."""
+    if not (-num_layers - 1 <= select_layer <= num_layers):
+        raise ConfigError(
+            "encoder.select_layer",
+            f"{select_layer} is out of range for a {num_layers}-layer encoder.",
+            f"use a value in [{-num_layers - 1}, {num_layers}] (LLaVA uses -2).",
+        )
+    return select_layer % (num_layers + 1)
 
 
 class HFVisionEncoder(nn.Module):
@@ -37,26 +84,23 @@ class HFVisionEncoder(nn.Module):
         select_layer: int = -2,
         select_feature: str = "patch",
         init_seed: int = 0,
+        dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if family not in _FAMILIES:
-            raise ConfigError(
-                "encoder.family", f"unknown family {family!r}.", f"use one of {sorted(_FAMILIES)}."
-            )
-        if select_feature not in ("patch", "cls_patch"):
-            raise ConfigError(
-                "encoder.select_feature", f"got {select_feature!r}.", "use patch or cls_patch."
-            )
+        self.has_cls = check_family(family)
+        check_select_feature(select_feature)
+        weights_dtype = torch_dtype(dtype)
         import transformers
 
-        config_cls_name, model_cls_name, self.has_cls = _FAMILIES[family]
+        config_cls_name, model_cls_name, _ = _FAMILIES[family]
         model_cls = getattr(transformers, model_cls_name)
         if pretrained:
             if not name_or_path:
                 raise ConfigError(
                     "encoder.name_or_path", "pretrained=true needs a model id or folder."
                 )
-            self.vision = model_cls.from_pretrained(name_or_path)
+            # transformers 5 would otherwise keep the checkpoint's dtype (often float16)
+            self.vision = model_cls.from_pretrained(name_or_path, dtype=weights_dtype)
         else:
             if not config:
                 raise ConfigError(
@@ -67,14 +111,22 @@ class HFVisionEncoder(nn.Module):
                     init_seed
                 )  # random-init weights are a function of the config alone
                 self.vision = model_cls(getattr(transformers, config_cls_name)(**config))
+            self.vision.to(weights_dtype)
         vcfg = self.vision.config
+        if pretrained and config:
+            differ = {
+                k: (v, getattr(vcfg, k))
+                for k, v in config.items()
+                if hasattr(vcfg, k) and getattr(vcfg, k) != v
+            }
+            if differ:  # offline shape checks trusted these numbers
+                log.warning(
+                    "encoder.config disagrees with the loaded %s (preset vs loaded): %s",
+                    name_or_path,
+                    differ,
+                )
         num_layers = vcfg.num_hidden_layers
-        if not (-num_layers - 1 <= select_layer <= num_layers):
-            raise ConfigError(
-                "encoder.select_layer",
-                f"{select_layer} is out of range for a {num_layers}-layer encoder.",
-                f"use a value in [{-num_layers - 1}, {num_layers}] (LLaVA uses -2).",
-            )
+        hidden_state_index(select_layer, num_layers)
         self.family = family
         self.select_layer = select_layer
         self.select_feature = select_feature
@@ -89,10 +141,50 @@ class HFVisionEncoder(nn.Module):
         keep_cls = self.has_cls and self.select_feature == "cls_patch"
         return self.num_patches + int(keep_cls)
 
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters after `select_layer` (later blocks, post-norm, pooling head).
+
+        The forward never reaches them, so a stage must not train them (no gradient; DDP
+        would also fail on them). Found by module identity, whatever the naming.
+        """
+        inner = getattr(self.vision, "vision_model", self.vision)
+        layers = inner.encoder.layers
+        used = hidden_state_index(self.select_layer, len(layers))
+        unused = [layers[i] for i in range(used, len(layers))]
+        unused += [
+            m
+            for m in (getattr(inner, "post_layernorm", None), getattr(inner, "head", None))
+            if m is not None
+        ]
+        ids = {id(p) for module in unused for p in module.parameters()}
+        return [name for name, p in self.named_parameters() if id(p) in ids]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, D) features of `select_layer`."""
+        pixel_values = pixel_values.to(self.vision.dtype)
         out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
         features = out.hidden_states[self.select_layer]  # (B, [1+]P, D)
         if self.has_cls and self.select_feature == "patch":
             features = features[:, 1:]
         return features
+
+
+def build_encoder(backend: str = "transformers", **kwargs: Any) -> nn.Module:
+    """The `_target_` of every encoder preset: one YAML, either backend (`encoder.backend`).
+
+    Keys only the other backend reads (`timm_*` for transformers, `name_or_path` for timm) are
+    dropped here, so a preset carries both without either class growing unused arguments.
+    """
+    if backend == "transformers":
+        for key in _TIMM_ONLY:
+            kwargs.pop(key, None)
+        return HFVisionEncoder(**kwargs)
+    if backend == "timm":
+        from vlmlab.models.timm_encoder import TimmVisionEncoder
+
+        for key in _HF_ONLY:
+            kwargs.pop(key, None)
+        return TimmVisionEncoder(**kwargs)
+    raise ConfigError(
+        "encoder.backend", f"unknown backend {backend!r}.", f"use one of {list(BACKENDS)}."
+    )

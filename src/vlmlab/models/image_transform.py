@@ -1,8 +1,11 @@
 """The image transform an encoder owns: the data pipeline receives it, it never imports models.
 
-Mirrors the transformers image processors (CLIP: shortest-edge resize + centre crop; SigLIP:
-exact resize), plus LLaVA's `pad` aspect mode that first expands the image to a square filled
-with the mean colour, so no part of a wide image is cropped away.
+Reproduces the transformers image processors exactly (max abs diff 0 against the PIL backend,
+`CLIPImageProcessorPil` / `SiglipImageProcessorPil`, the processors LLaVA was trained with; the
+default torchvision backend resamples slightly differently): CLIP resizes the shortest edge
+(bicubic) and centre-crops with floor offsets; SigLIP resizes to size x size, no crop. LLaVA's
+`pad` aspect mode first expands the image to a square filled with the mean colour (its
+`expand2square`), so no part of a wide image is cropped away.
 """
 
 from __future__ import annotations
@@ -77,6 +80,6 @@ def _resize_shortest_edge(image: Image.Image, size: int, resample: Image.Resampl
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
-    left = round((width - size) / 2.0)
-    top = round((height - size) / 2.0)
+    left = (width - size) // 2  # floor, as transformers' center_crop (torchvision rounds)
+    top = (height - size) // 2
     return image.crop((left, top, left + size, top + size))

@@ -64,8 +64,13 @@ def build_llm(
     config: dict[str, Any] | None = None,
     dtype: str = "float32",
     init_seed: int = 0,
+    quantization: dict[str, Any] | None = None,
 ) -> Any:
-    """A causal LM whose vocabulary covers the tokenizer (including `<image>`)."""
+    """A causal LM whose vocabulary covers the tokenizer (including `<image>`).
+
+    `quantization` ({bits: 4|8}) loads the pretrained weights through bitsandbytes (QLoRA: nf4,
+    double quantisation, bf16 compute); stages.apply has already checked for a GPU.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in _DTYPES:
@@ -73,7 +78,18 @@ def build_llm(
     if pretrained:
         if not name_or_path:
             raise ConfigError("llm.name_or_path", "pretrained=true needs a model id or folder.")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
+        if quantization:
+            kwargs["quantization_config"] = _bnb_config(int(quantization.get("bits", 4)))
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        if quantization:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif quantization:
+        raise ConfigError(
+            "stage.quantize", "quantizes pretrained weights; llm.pretrained is false."
+        )
     else:
         if not config or "model_type" not in config:
             raise ConfigError(
@@ -94,3 +110,16 @@ def build_llm(
     if len(tokenizer) > vocab_rows:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     return model
+
+
+def _bnb_config(bits: int) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )

@@ -1,16 +1,20 @@
-"""Apply a stage policy: module-path globs that train, everything else frozen.
+"""Apply a stage policy to a model: what trains, with which LoRA, learning rates and groups.
 
-Every problem with a policy is collected and raised together before any training starts,
-each naming its config key.
+A stage is data (conf/stage/*.yaml). `apply` validates the whole policy against the built
+model and raises one ConfigError listing every problem, each naming its key, before anything
+trains. Then it wraps LoRA adapters, sets `requires_grad`, enables gradient checkpointing and
+returns the optimizer parameter groups and the per-component parameter table.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
@@ -18,15 +22,27 @@ from vlmlab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("encoder", "connector", "llm")
+STAGE_KEYS = {
+    "name", "title", "train", "freeze", "train_last", "uses", "lora", "quantize", "param_groups",
+    "optim", "global_batch_size", "gradient_checkpointing", "template", "dataset", "previous",
+    "init_from", "epochs", "evaluate",
+}  # fmt: skip
+OPTIM_KEYS = {"lr", "weight_decay", "warmup_ratio", "schedule", "betas", "eps"}
+LORA_KEYS = {
+    "target", "r", "alpha", "dropout", "target_modules", "exclude_modules", "bias",
+    "use_rslora", "use_dora",
+}  # fmt: skip
+GROUP_KEYS = {"name", "match", "lr", "weight_decay"}
 
 
 @dataclass
 class StagePlan:
-    """What `apply` decided: trainable parameter names and per-group optimizer settings."""
+    """What `apply` decided."""
 
     trainable: list[str]
-    groups: list[dict[str, Any]] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # {name, params, lr, weight_decay}
     table: list[dict[str, Any]] = field(default_factory=list)
+    lora: dict[str, Any] | None = None  # the resolved LoRA config (recorded in checkpoints)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -34,36 +50,294 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
 
 
-def apply(policy: Any, model: nn.Module) -> StagePlan:
-    """Freeze/unfreeze `model` per `policy` (stage config); return the plan and its table."""
-    train_globs = list(policy.get("train") or [])
-    freeze_globs = list(policy.get("freeze") or [])
-    names = [name for name, _ in model.named_parameters()]
+def _as_dict(node: Any) -> dict[str, Any]:
+    if node is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        data = OmegaConf.to_container(node, resolve=True)
+        assert isinstance(data, dict)
+        return {str(k): v for k, v in data.items()}
+    return dict(node)
+
+
+def _unknown_keys(given: dict[str, Any], allowed: set[str], prefix: str) -> list[str]:
     problems = []
+    for key in sorted(set(given) - allowed):
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(
+            f"{prefix}.{key}: unknown key{hint}; valid keys: {', '.join(sorted(allowed))}."
+        )
+    return problems
+
+
+def blocks_of(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The repeated transformer blocks of a component: its ModuleList holding most parameters."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, child in module.named_modules():
+        if isinstance(child, nn.ModuleList) and len(child) > 0:
+            size = sum(p.numel() for p in child.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, child)
+    return (best[1], best[2]) if best else None
+
+
+def default_lora_targets(module: nn.Module) -> list[str]:
+    """Every linear layer of the component except the output head (the LLaVA LoRA recipe)."""
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, child in module.named_modules()
+        if isinstance(child, nn.Linear) and not name.endswith("lm_head")
+    }
+    return sorted(names)
+
+
+def lora_config(spec: dict[str, Any], component: nn.Module) -> dict[str, Any]:
+    """Resolved LoRA settings (peft LoraConfig fields), as recorded in checkpoints."""
+    targets = spec.get("target_modules") or default_lora_targets(component)
+    return {
+        "target": spec.get("target", "llm"),
+        "r": int(spec.get("r", 8)),
+        "alpha": int(spec.get("alpha", 16)),
+        "dropout": float(spec.get("dropout", 0.0)),
+        "target_modules": list(targets),
+        "exclude_modules": list(spec.get("exclude_modules") or ["lm_head"]),
+        "bias": spec.get("bias", "none"),
+        "use_rslora": bool(spec.get("use_rslora", False)),
+        "use_dora": bool(spec.get("use_dora", False)),
+    }
+
+
+def wrap_lora(model: nn.Module, resolved: dict[str, Any]) -> None:
+    """Replace `model.<target>` by a peft model carrying LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    component = getattr(model, resolved["target"])
+    config = LoraConfig(
+        r=resolved["r"],
+        lora_alpha=resolved["alpha"],
+        lora_dropout=resolved["dropout"],
+        target_modules=resolved["target_modules"],
+        exclude_modules=resolved["exclude_modules"],
+        bias=resolved["bias"],
+        use_rslora=resolved["use_rslora"],
+        use_dora=resolved["use_dora"],
+    )
+    setattr(model, resolved["target"], get_peft_model(component, config))
+
+
+def merge_lora(model: nn.Module, target: str) -> None:
+    """Fold LoRA adapters into the base weights and unwrap the component."""
+    component = getattr(model, target)
+    if hasattr(component, "merge_and_unload"):
+        setattr(model, target, component.merge_and_unload())
+
+
+def unused_parameters(model: nn.Module) -> set[str]:
+    """Parameters the forward never touches (e.g. encoder layers after `select_layer`).
+
+    They can't get gradients, so training them would be a silent no-op (and DDP would fail).
+    """
+    unused: set[str] = set()
+    for component in COMPONENTS:
+        module = getattr(model, component, None)
+        names = getattr(module, "unused_parameter_names", None)
+        if callable(names):
+            unused |= {f"{component}.{n}" for n in names()}
+    return unused
+
+
+def _quantize_problems(spec: dict[str, Any]) -> list[str]:
+    if not spec:
+        return []
+    problems = []
+    if int(spec.get("bits", 4)) not in (4, 8):
+        problems.append("stage.quantize.bits: use 4 (QLoRA, nf4) or 8.")
+    if not torch.cuda.is_available():
+        problems.append(
+            "stage.quantize: 4/8-bit base weights (QLoRA) need a CUDA GPU and bitsandbytes; "
+            "this machine has no GPU. Use stage=2_lora on CPU."
+        )
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("stage.quantize: needs bitsandbytes (`pip install bitsandbytes`).")
+    return problems
+
+
+def check_before_build(policy: Any) -> None:
+    """Problems visible without a model (e.g. QLoRA on a CPU machine): fail before loading weights."""
+    problems = _quantize_problems(_as_dict(_as_dict(policy).get("quantize")))
+    if problems:
+        raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
+
+
+def apply(policy: Any, model: nn.Module) -> StagePlan:
+    """Validate `policy` (the stage config) against `model`, then enforce it."""
+    stage = _as_dict(policy)
+    problems = _unknown_keys(stage, STAGE_KEYS, "stage")
+    problems += _unknown_keys(_as_dict(stage.get("optim")), OPTIM_KEYS, "stage.optim")
+    lora_spec = _as_dict(stage.get("lora"))
+    problems += _unknown_keys(lora_spec, LORA_KEYS, "stage.lora")
+    problems += _quantize_problems(_as_dict(stage.get("quantize")))
+    if stage.get("quantize") and not lora_spec:
+        problems.append(
+            "stage.quantize: quantized base weights only train through LoRA; set stage.lora."
+        )
+
+    resolved_lora = None
+    if lora_spec:
+        target = lora_spec.get("target", "llm")
+        if target not in COMPONENTS or not hasattr(model, target):
+            problems.append(
+                f"stage.lora.target: component {target!r} does not exist; use one of {', '.join(COMPONENTS)}."
+            )
+        else:
+            resolved_lora = lora_config(lora_spec, getattr(model, target))
+            missing = [
+                t for t in resolved_lora["target_modules"]
+                if not any(n.rsplit(".", 1)[-1] == t for n, _ in getattr(model, target).named_modules())
+            ]  # fmt: skip
+            if missing:
+                problems.append(
+                    f"stage.lora.target_modules: {missing} are not modules of {target}."
+                )
+
+    train_globs = list(stage.get("train") or [])
+    freeze_globs = list(stage.get("freeze") or [])
+    names = [name for name, _ in model.named_parameters()]
     for key, globs in (("stage.train", train_globs), ("stage.freeze", freeze_globs)):
         for pattern in globs:
             if not any(_matches(n, pattern) for n in names):
                 problems.append(
                     f"{key}: glob {pattern!r} matches no parameter (components: {', '.join(COMPONENTS)})."
                 )
+    last_globs = []
+    for component, count in _as_dict(stage.get("train_last")).items():
+        module = getattr(model, component, None) if component in COMPONENTS else None
+        found = blocks_of(module) if module is not None else None
+        if found is None:
+            problems.append(
+                f"stage.train_last.{component}: no component with repeated blocks by that name."
+            )
+            continue
+        path, blocks = found
+        unused = unused_parameters(model)
+        used = [
+            i for i, block in enumerate(blocks)
+            if not all(f"{component}.{path}.{i}.{n}" in unused for n, _ in block.named_parameters())
+        ]  # fmt: skip
+        if not 0 < int(count) <= len(used):
+            problems.append(
+                f"stage.train_last.{component}: {count} is not in 1..{len(used)} (blocks that feed the output)."
+            )
+            continue
+        last_globs += [f"{component}.{path}.{i}" for i in used[-int(count) :]]
+    if problems:
+        raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
+
+    if resolved_lora is not None:
+        wrap_lora(model, resolved_lora)
+        names = [name for name, _ in model.named_parameters()]
+    unused = unused_parameters(model)
+    lora_names = {n for n in names if ".lora_" in n}
     trainable = [
-        n
-        for n in names
-        if any(_matches(n, g) for g in train_globs)
+        n for n in names
+        if (any(_matches(n, g) for g in [*train_globs, *last_globs]) or n in lora_names)
         and not any(_matches(n, g) for g in freeze_globs)
-    ]
-    if not trainable and not problems:
+        and n not in unused
+    ]  # fmt: skip
+    if resolved_lora is not None:  # LoRA trains adapters; the wrapped base stays frozen
+        base = f"{resolved_lora['target']}."
+        trainable = [n for n in trainable if n in lora_names or not n.startswith(base)]
+    if not trainable:
         problems.append(
             "stage.train: nothing would train. Name at least one module, e.g. train: [connector]."
         )
+    groups = _param_groups(stage, trainable, problems)
     if problems:
         raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
+
     keep = set(trainable)
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
+    if stage.get("gradient_checkpointing"):
+        _enable_gradient_checkpointing(model)
     model.train()  # re-evaluates frozen-encoder eval mode
-    table = parameter_table(model)
-    return StagePlan(trainable=trainable, table=table)
+    return StagePlan(
+        trainable=trainable, groups=groups, table=parameter_table(model), lora=resolved_lora
+    )
+
+
+def _param_groups(
+    stage: dict[str, Any], trainable: list[str], problems: list[str]
+) -> list[dict[str, Any]]:
+    """Per-glob lr / weight decay; every trainable parameter lands in exactly one group."""
+    optim = _as_dict(stage.get("optim"))
+    default = {
+        "lr": float(optim.get("lr", 1e-3)),
+        "weight_decay": float(optim.get("weight_decay", 0.0)),
+    }
+    claimed: dict[str, str] = {}
+    groups = []
+    for i, raw in enumerate(stage.get("param_groups") or []):
+        spec = _as_dict(raw)
+        problems += _unknown_keys(spec, GROUP_KEYS, f"stage.param_groups[{i}]")
+        patterns = spec.get("match")
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+        name = str(spec.get("name") or "|".join(patterns) or f"group{i}")
+        if not patterns:
+            problems.append(
+                f"stage.param_groups[{i}].match: give a glob, e.g. match: 'connector.*'."
+            )
+            continue
+        members = [n for n in trainable if any(_matches(n, p) for p in patterns)]
+        if not members:
+            problems.append(
+                f"stage.param_groups[{i}].match: {patterns} matches no trainable parameter."
+            )
+        for member in members:
+            if member in claimed:
+                problems.append(
+                    f"stage.param_groups: {member} is claimed by both {claimed[member]!r} and {name!r}."
+                )
+            claimed[member] = name
+        groups.append(
+            {
+                "name": name,
+                "params": members,
+                "lr": float(spec.get("lr", default["lr"])),
+                "weight_decay": float(spec.get("weight_decay", default["weight_decay"])),
+            }
+        )
+    rest = [n for n in trainable if n not in claimed]
+    if rest:
+        groups.insert(0, {"name": "default", "params": rest, **default})
+    return groups
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    for component in COMPONENTS:
+        module = getattr(model, component, None)
+        if module is None or not any(p.requires_grad for p in module.parameters()):
+            continue
+        inner = getattr(module, "vision", module)
+        if hasattr(inner, "set_grad_checkpointing"):  # timm
+            inner.set_grad_checkpointing(True)
+        elif hasattr(inner, "gradient_checkpointing_enable"):
+            if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5 name
+                inner.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                inner.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            if hasattr(inner, "enable_input_require_grads"):
+                inner.enable_input_require_grads()
 
 
 def parameter_table(model: nn.Module) -> list[dict[str, Any]]:

@@ -15,21 +15,33 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlmlab.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000
 
 
+_OURS: set[str] = set()  # URIs vlmlab handed to MLflow (mlflow.set_tracking_uri exports them)
+
+
 def tracking_uri(configured: str | None, root: Path) -> str:
-    """Config value, else MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    """Config value, else the user's MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db.
+
+    mlflow.set_tracking_uri copies the URI into os.environ, so an earlier run in the same
+    process (a sweep, the demo, tests) would otherwise redirect every later run to its store.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    user_env = env if env and env not in _OURS else None
+    uri = configured or user_env or f"sqlite:///{(root / 'mlflow.db').resolve()}"
     if uri.startswith("file:") or "://" not in uri:
-        raise ValueError(
-            f"logger.tracking_uri={uri!r}: MLflow 3 keeps the file store in maintenance mode. "
-            "Use sqlite:///path/mlflow.db or an http(s) server URI."
+        raise ConfigError(
+            "logger.tracking_uri",
+            f"{uri!r} is a file store, which MLflow 3 keeps in maintenance mode.",
+            "use sqlite:///path/mlflow.db or an http(s) server URI.",
         )
+    if uri != user_env:
+        _OURS.add(uri)
     return uri
 
 

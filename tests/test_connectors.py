@@ -1,0 +1,414 @@
+"""Connectors: every option in conf/connector/ builds with the tiny encoder and LLM, keeps the
+shape/token-count contract, trains end to end inside the VLM, and has its documented size."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
+
+from vlmlab.data.templates import get_template
+from vlmlab.data.tokenize import TextEncoder
+from vlmlab.errors import ConfigError
+from vlmlab.models import build_vlm
+from vlmlab.models.connectors.linear import LinearConnector
+from vlmlab.models.connectors.mlp import MLPConnector
+from vlmlab.models.connectors.qformer import QFormerConnector
+from vlmlab.models.connectors.resampler import ResamplerConnector, sincos_2d
+from vlmlab.models.vlm import IGNORE_INDEX
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIONS = sorted(p.stem for p in (REPO / "conf" / "connector").glob("*.yaml"))
+# Options too big to train on 2 CPU cores at their shipped size (the BERT-base Q-Former is
+# 100M parameters): the same code and YAML, with small widths. Their shipped size is checked on
+# the meta device in test_parameter_counts_match_formulas_and_docs.
+SMALL = {
+    "qformer": (
+        "connector.hidden_size=64",
+        "connector.num_heads=4",
+        "connector.intermediate_size=128",
+        "connector.depth=2",
+    )
+}
+CLASSES = {
+    "linear": LinearConnector,
+    "mlp": MLPConnector,
+    "tiny": MLPConnector,
+    "resampler": ResamplerConnector,
+    "qformer": QFormerConnector,
+}
+
+
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
+
+
+def _compose(compose_cfg: Any, *overrides: str) -> DictConfig:
+    """Compose once per override list (composition costs more than building the tiny VLM)."""
+    if overrides not in _COMPOSED:
+        _COMPOSED[overrides] = compose_cfg(*overrides)
+    return _COMPOSED[overrides]
+
+
+def _build(compose_cfg: Any, option: str, *overrides: str) -> tuple[Any, Any]:
+    cfg = _compose(compose_cfg, f"connector={option}", *SMALL.get(option, ()), *overrides)
+    return build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _features(model: Any, batch: int, num_tokens: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, num_tokens, model.encoder.hidden_size, generator=gen)
+
+
+def _knobs(cfg: DictConfig) -> dict[str, Any]:
+    """The connector node as constructor arguments (init_seed is build_vlm's, not the class's)."""
+    node = OmegaConf.to_container(cfg.connector, resolve=True)
+    assert isinstance(node, dict)
+    return {str(k): v for k, v in node.items() if k != "init_seed"}
+
+
+def test_every_option_is_covered() -> None:
+    assert set(OPTIONS) == set(CLASSES), "a new connector option needs its class listed here"
+    assert {"linear", "mlp", "resampler", "qformer"} <= set(OPTIONS)
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_shape_tokens_and_gradients(compose_cfg, option: str) -> None:
+    model, _ = _build(compose_cfg, option)
+    connector: Any = model.connector
+    assert type(model.connector) is CLASSES[option]
+    llm_width = model.llm.get_input_embeddings().embedding_dim
+    n = model.encoder.num_tokens  # 16 patches (4 x 4) of the tiny encoder
+    m = connector.num_tokens(n)
+    assert model.num_image_tokens == m
+    if option in ("resampler", "qformer"):
+        assert m == connector.num_queries != n
+        assert m == _compose(compose_cfg, f"connector={option}").connector.num_queries
+        assert all(connector.num_tokens(k) == m for k in (1, 4, 9, 576))  # N = g*g of any size
+    else:
+        assert all(connector.num_tokens(k) == k for k in (1, 7, 577))
+    features = _features(model, 3, n).requires_grad_()
+    out = connector(features)
+    assert out.shape == (3, m, llm_width)
+    assert torch.isfinite(out).all()
+    # another patch count: the output follows num_tokens (9 = a 3 x 3 grid)
+    assert connector(_features(model, 2, 9)).shape == (2, connector.num_tokens(9), llm_width)
+    out.pow(2).mean().backward()
+    for name, param in connector.named_parameters():
+        assert param.grad is not None, name
+        assert torch.count_nonzero(param.grad) > 0, name
+    assert features.grad is not None and torch.count_nonzero(features.grad) > 0
+
+
+def _batch(model: Any, tokenizer: Any, has_image: list[bool]) -> dict[str, Any]:
+    """A real collated batch: vicuna_v1 conversations, images through the encoder's transform."""
+    encoder = TextEncoder(
+        tokenizer,
+        get_template("vicuna_v1", tokenizer.eos_token),
+        model.num_image_tokens,
+        model.image_token_id,
+        max_length=512,
+    )
+    colours = [(255, 0, 0), (0, 0, 255), (0, 200, 0)]
+    samples: list[dict[str, Any]] = []
+    for i, with_image in enumerate(has_image):
+        question = "What colour is the shape?"
+        conv = [
+            {"from": "human", "value": f"<image>\n{question}" if with_image else question},
+            {"from": "gpt", "value": ["Red", "Blue", "Green"][i % 3]},
+        ]
+        image = Image.new("RGB", (80, 48), colours[i % 3])
+        pixel_values = model.encoder.image_transform(image) if with_image else None
+        samples.append(
+            {"id": str(i), "pixel_values": pixel_values, **encoder.encode(conv, with_image)}
+        )
+    # right padding, as the data module's collate does (not imported: it pulls in Lightning)
+    ids = [s["input_ids"] for s in samples]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id),
+        "labels": pad_sequence(
+            [s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX
+        ),
+        "attention_mask": pad_sequence(
+            [torch.ones_like(i) for i in ids], batch_first=True, padding_value=0
+        ),
+        "pixel_values": torch.stack(
+            [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        ),
+    }
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_vlm_forward_gives_finite_loss(compose_cfg, option: str) -> None:
+    model, tokenizer = _build(compose_cfg, option)
+    batch = _batch(model, tokenizer, [True, False, True])
+    m = model.num_image_tokens
+    assert int((batch["input_ids"] == model.image_token_id).sum()) == 2 * m
+    assert (batch["labels"][batch["input_ids"] == model.image_token_id] == IGNORE_INDEX).all()
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        labels=batch["labels"],
+    )
+    vocab = model.llm.get_input_embeddings().num_embeddings
+    assert out.logits.shape == (*batch["input_ids"].shape, vocab)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    assert 0.5 * math.log(vocab) < out.loss.item() < 2.0 * math.log(vocab)
+    out.loss.backward()
+    for name, param in model.connector.named_parameters():
+        assert param.grad is not None and torch.count_nonzero(param.grad) > 0, name
+
+
+# ----------------------------------------------------------------------------- query connectors
+
+
+@pytest.mark.parametrize("option", ["resampler", "qformer"])
+def test_output_depends_on_the_input_row_by_row(compose_cfg, option: str) -> None:
+    model, _ = _build(compose_cfg, option)
+    connector = model.connector.eval()
+    n = model.encoder.num_tokens
+    a, b = _features(model, 2, n, seed=1), _features(model, 2, n, seed=2)
+    with torch.no_grad():
+        out_a, out_b = connector(a), connector(b)
+        mixed = connector(torch.stack([a[0], b[1]]))
+    assert not torch.allclose(out_a, out_b, atol=1e-3)  # not a constant of the queries
+    assert not torch.allclose(out_a[0], out_a[1], atol=1e-3)
+    torch.testing.assert_close(mixed[0], out_a[0], atol=1e-5, rtol=1e-5)  # rows independent
+    torch.testing.assert_close(mixed[1], out_b[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("option", "overrides", "order_matters"),
+    [
+        ("resampler", ("connector.pos_embed=none",), False),
+        ("resampler", ("connector.pos_embed=sincos2d",), True),
+        ("resampler", ("connector.pos_embed=sincos2d", "connector.depth=2"), True),
+        ("qformer", (), False),
+    ],
+    ids=["resampler-none", "resampler-sincos2d", "resampler-sincos2d-depth2", "qformer"],
+)
+def test_patch_order_matters_only_through_the_position_encoding(
+    compose_cfg, option: str, overrides: tuple[str, ...], order_matters: bool
+) -> None:
+    model, _ = _build(compose_cfg, option, *overrides)
+    connector = model.connector.eval()
+    n = model.encoder.num_tokens
+    features = _features(model, 2, n, seed=3)
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(permutation, torch.arange(n))
+    with torch.no_grad():
+        out = connector(features)
+        permuted = connector(features[:, permutation])
+    if order_matters:
+        assert not torch.allclose(out, permuted, atol=1e-3)
+    else:
+        torch.testing.assert_close(permuted, out, atol=1e-5, rtol=1e-4)
+
+
+def test_sincos_2d_encodes_row_and_column() -> None:
+    dim, grid = 16, 3
+    pos = sincos_2d(dim, grid)
+    assert pos.shape == (grid * grid, dim)
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    for index in range(grid * grid):
+        row, col = divmod(index, grid)  # row-major, like ViT patches
+        expected = torch.cat(
+            [(row * omega).sin(), (row * omega).cos(), (col * omega).sin(), (col * omega).cos()]
+        )
+        torch.testing.assert_close(pos[index], expected)
+    assert len({tuple(r.tolist()) for r in pos}) == grid * grid  # every patch is distinguishable
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("n", [17, 577, 2, 0])
+def test_resampler_sincos_needs_a_square_grid(n: int) -> None:
+    connector = ResamplerConnector(8, 8, num_queries=3, num_heads=2, pos_embed="sincos2d")
+    with pytest.raises(ConfigError, match=r"connector\.pos_embed.*square") as info:
+        connector.num_tokens(n)
+    assert info.value.key == "connector.pos_embed"
+    assert f"N={n}" in str(info.value)
+    if n:
+        with pytest.raises(ConfigError, match=r"connector\.pos_embed"):
+            connector(torch.zeros(1, n, 8))
+        # without a position encoding any N works
+        free = ResamplerConnector(8, 8, num_queries=3, num_heads=2, pos_embed="none")
+        assert free.num_tokens(n) == 3
+        assert free(torch.zeros(1, n, 8)).shape == (1, 3, 8)
+
+
+def test_resampler_with_cls_token_fails_early_naming_the_key(compose_cfg) -> None:
+    model, _ = _build(compose_cfg, "resampler", "encoder.select_feature=cls_patch")
+    assert model.encoder.num_tokens == 17  # 4 x 4 patches + CLS
+    with pytest.raises(ConfigError, match=r"connector\.pos_embed.*select_feature=patch"):
+        _ = model.num_image_tokens
+    ok, _ = _build(
+        compose_cfg, "resampler", "encoder.select_feature=cls_patch", "connector.pos_embed=none"
+    )
+    assert ok.num_image_tokens == ok.connector.num_queries
+
+
+@pytest.mark.parametrize(
+    ("option", "knobs", "key"),
+    [
+        ("resampler", {"pos_embed": "learned"}, "connector.pos_embed"),
+        ("resampler", {"num_heads": 3}, "connector.num_heads"),
+        ("resampler", {"num_queries": 0}, "connector.num_queries"),
+        ("resampler", {"depth": 0}, "connector.depth"),
+        ("resampler", {"hidden_size": 66, "num_heads": 2}, "connector.hidden_size"),
+        ("resampler", {"mlp_ratio": -1}, "connector.mlp_ratio"),
+        ("qformer", {"num_heads": 5}, "connector.num_heads"),
+        ("qformer", {"cross_attention_freq": 0}, "connector.cross_attention_freq"),
+        ("qformer", {"intermediate_size": 0}, "connector.intermediate_size"),
+        ("mlp", {"depth": 0}, "connector.depth"),
+    ],
+)
+def test_bad_knobs_raise_config_errors_naming_the_key(
+    option: str, knobs: dict[str, Any], key: str
+) -> None:
+    node = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "connector" / f"{option}.yaml"))
+    assert isinstance(node, dict)
+    shipped = {str(k): v for k, v in node.items() if k not in ("_target_", "init_seed")}
+    cls = get_class(str(node["_target_"]))
+    with torch.device("meta"):  # no memory, no init: only the argument checks run for real
+        cls(in_features=64, out_features=128, **shipped)  # as shipped: fine
+        with pytest.raises(ConfigError) as info:
+            cls(in_features=64, out_features=128, **{**shipped, **knobs})
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("option", "override", "key"),
+    [
+        ("resampler", "connector.pos_embed=learned", "connector.pos_embed"),
+        ("qformer", "connector.num_heads=5", "connector.num_heads"),
+    ],
+)
+def test_bad_knob_through_build_vlm_is_a_config_error(
+    compose_cfg, option: str, override: str, key: str
+) -> None:
+    """Not wrapped in Hydra's InstantiationException: the CLI prints it without a traceback."""
+    cfg = _compose(compose_cfg, f"connector={option}", *SMALL.get(option, ()), override)
+    with pytest.raises(ConfigError) as info:
+        build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+    assert info.value.key == key
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def linear_params(dv: int, dl: int) -> int:
+    return dv * dl + dl
+
+
+def mlp_params(dv: int, dl: int, depth: int) -> int:
+    return dv * dl + dl + (depth - 1) * (dl * dl + dl)
+
+
+def attention_params(h: int, kv: int | None = None) -> int:
+    """nn.MultiheadAttention: q, k, v projections (k, v from width kv) with biases, output."""
+    kv = kv or h
+    return h * h + 2 * h * kv + 3 * h + h * h + h
+
+
+def resampler_params(
+    dv: int, dl: int, q: int, depth: int, h: int | None = None, mlp_ratio: int = 0
+) -> int:
+    h = h or dl
+    layer = 2 * h + attention_params(h)
+    if mlp_ratio:
+        r = mlp_ratio * h
+        layer += 2 * h + h * r + r + r * h + h
+    return q * h + (dv * h + h) + 2 * h + depth * layer + 2 * h + (h * dl + dl)
+
+
+def qformer_params(
+    dv: int, dl: int, q: int, depth: int, h: int, inter: int, cross_every: int = 1
+) -> int:
+    per_layer = attention_params(h) + 2 * h + (h * inter + inter + inter * h + h) + 2 * h
+    cross = attention_params(h, dv) + 2 * h
+    crossing = len(range(0, depth, cross_every))
+    return 2 * dv + q * h + 2 * h + depth * per_layer + crossing * cross + h * dl + dl
+
+
+# LLaVA-1.5 shapes: CLIP ViT-L/14-336 (1024) -> Vicuna-7B (4096); the numbers in README.md.
+DOCUMENTED = {
+    "linear": 4_198_400,
+    "mlp": 20_979_712,  # mlp2x_gelu: both layers have a bias
+    "resampler": 88_391_680,  # 64 queries, 1 layer, width 4096, 32 heads, sincos2d
+    "qformer": 121_317_888,  # 32 queries, 12 layers, width 768, FFN 3072, cross-attn every layer
+}
+
+
+def _shipped(compose_cfg: Any, option: str, dv: int, dl: int, *overrides: str) -> Any:
+    """The connector as its YAML composes (plus `key=value` overrides), on the meta device."""
+    cfg = _compose(compose_cfg, f"connector={option}")
+    node = OmegaConf.merge(cfg.connector, OmegaConf.from_dotlist(list(overrides)))
+    knobs = _knobs(OmegaConf.create({"connector": node}))
+    with torch.device("meta"):
+        return instantiate(knobs, in_features=dv, out_features=dl, _convert_="all")
+
+
+def test_parameter_counts_match_formulas_and_docs(compose_cfg) -> None:
+    dv, dl = 1024, 4096
+    counted = {option: _n_params(_shipped(compose_cfg, option, dv, dl)) for option in DOCUMENTED}
+    assert counted["linear"] == linear_params(dv, dl) == 4_198_400
+    assert counted["mlp"] == mlp_params(dv, dl, 2) == 20_979_712
+    assert counted["resampler"] == resampler_params(dv, dl, q=64, depth=1)
+    assert counted["qformer"] == qformer_params(dv, dl, q=32, depth=12, h=768, inter=3072)
+    assert counted == DOCUMENTED
+    readme = (REPO / "README.md").read_text()
+    for option, n in DOCUMENTED.items():
+        assert f"{n:,}" in readme, f"README.md does not state the {option} count {n:,}"
+    # BLIP-2's own cross-attention frequency, and the other knobs
+    blip2 = _shipped(compose_cfg, "qformer", dv, dl, "cross_attention_freq=2")
+    assert _n_params(blip2) == qformer_params(dv, dl, 32, 12, 768, 3072, 2) == 104_775_168
+    assert f"{104_775_168:,}" in readme
+    qwen_vl = _shipped(compose_cfg, "resampler", 1664, dl, "num_queries=256")
+    assert _n_params(qwen_vl) == resampler_params(1664, dl, q=256, depth=1)
+    perceiver = _shipped(
+        compose_cfg,
+        "resampler",
+        dv,
+        dl,
+        "depth=3",
+        "mlp_ratio=4",
+        "hidden_size=1024",
+        "pos_embed=none",
+    )
+    assert _n_params(perceiver) == resampler_params(dv, dl, 64, 3, h=1024, mlp_ratio=4)
+    with torch.device("meta"):
+        assert _n_params(MLPConnector(dv, dl, depth=3)) == mlp_params(dv, dl, 3)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_built_connector_size_matches_formula(compose_cfg, option: str) -> None:
+    """The tiny build (64 -> 128) is the same formula: widths come from the encoder and LLM."""
+    model, _ = _build(compose_cfg, option)
+    dv, dl = model.encoder.hidden_size, model.llm.config.hidden_size
+    assert (dv, dl) == (64, 128)
+    expected = {
+        "linear": lambda: linear_params(dv, dl),
+        "mlp": lambda: mlp_params(dv, dl, 2),
+        "tiny": lambda: mlp_params(dv, dl, 2),
+        "resampler": lambda: resampler_params(dv, dl, q=64, depth=1),
+        "qformer": lambda: qformer_params(dv, dl, q=32, depth=2, h=64, inter=128),
+    }[option]()
+    assert _n_params(model.connector) == expected

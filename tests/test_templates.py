@@ -1,0 +1,648 @@
+"""Chat templates and LLM presets.
+
+Each template renders its model's official chat format (checked against the literal string and
+the official Jinja template rendered by transformers), and masking keeps exactly the assistant
+replies plus their end-of-turn marker. Real tokenizers are built offline, each with its model's
+markers as special tokens: the Mistral/Llama-2 32K SentencePiece model shipped in
+`mistral_common` (vicuna_v1, mistral, and phi3 with Phi-3's added tokens at Phi-3's ids) and
+small byte-level BPEs with the Llama-3 / Qwen2 pre-tokenizer regexes (llama3, chatml).
+Each preset's architecture numbers build the real shapes on the meta device.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from vlmlab.config import conf_dir
+from vlmlab.data.templates import Template, Turn, get_template
+from vlmlab.data.tokenize import TextEncoder
+from vlmlab.errors import ConfigError
+from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
+from vlmlab.models.vlm import IGNORE_INDEX
+
+CHAT_TEMPLATES = ["vicuna_v1", "llama3", "chatml", "mistral", "phi3"]
+M = 7  # image tokens per image
+CONVERSATION = [
+    ("<image>\nWhat colour is the shape?", "Red."),
+    ("What shape is it?", "A small circle."),
+    ("Where is it?", "In the top left corner, near the edge."),
+    ("Is there anything else?", "No, only the circle."),
+]
+
+# --------------------------------------------------------------------------- official formats
+# The first two exchanges of CONVERSATION as each model's official chat template writes them.
+# vicuna_v1: LLaVA's conv_vicuna_v1.get_prompt() (the tokenizer adds <s>). llama3, chatml, phi3,
+# mistral: the `chat_template` of Meta-Llama-3-8B-Instruct, Qwen2-7B-Instruct,
+# Phi-3-mini-4k-instruct and Mistral-7B-Instruct-v0.2 (tokenizer_config.json) with
+# add_generation_prompt=False.
+OFFICIAL_TWO_TURNS = {
+    "vicuna_v1": (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. "
+        "USER: <image>\nWhat colour is the shape? ASSISTANT: Red.</s>"
+        "USER: What shape is it? ASSISTANT: A small circle.</s>"
+    ),
+    "llama3": (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+        "<image>\nWhat colour is the shape?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat shape is it?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA small circle.<|eot_id|>"
+    ),
+    "chatml": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat colour is the shape?<|im_end|>\n"
+        "<|im_start|>assistant\nRed.<|im_end|>\n"
+        "<|im_start|>user\nWhat shape is it?<|im_end|>\n"
+        "<|im_start|>assistant\nA small circle.<|im_end|>\n"
+    ),
+    "mistral": (
+        "<s> [INST] <image>\nWhat colour is the shape? [/INST] Red.</s>"
+        " [INST] What shape is it? [/INST] A small circle.</s>"
+    ),
+    "phi3": (
+        "<|user|>\n<image>\nWhat colour is the shape?<|end|>\n"
+        "<|assistant|>\nRed.<|end|>\n"
+        "<|user|>\nWhat shape is it?<|end|>\n"
+        "<|assistant|>\nA small circle.<|end|>\n"
+        "<|endoftext|>"
+    ),
+}
+# What the tokenizer contributes in front of our text: its BOS, and for SentencePiece the
+# dummy-prefix space that the Mistral Jinja writes as ' ' after '<s>'.
+TOKENIZER_PREFIX = {"llama3": "<|begin_of_text|>", "mistral": "<s> "}
+# What decoding the ids puts in front of our text (LLaVA's vicuna_v1 string has no BOS in it).
+DECODED_PREFIX = {**TOKENIZER_PREFIX, "vicuna_v1": "<s> "}
+
+
+def _decoded(name: str, text: str) -> str:
+    """Our text as the tokenizer round-trips it: its BOS in front, and for phi3 the whitespace
+    right of a chat marker absorbed into it (Phi-3's markers are `rstrip` added tokens)."""
+    if name == "phi3":
+        text = re.sub(r"(<\|(?:user|assistant|system|end)\|>)\s+", r"\1", text)
+    return DECODED_PREFIX.get(name, "") + text
+
+
+# The official Jinja templates (the parts that apply to alternating user/assistant turns).
+OFFICIAL_JINJA = {
+    "llama3": (
+        "{% for message in messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' %}"
+        "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+        "{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "chatml": (
+        "{% for message in messages %}"
+        "{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+}
+
+# Special tokens: (count outside targets, count inside targets) for t turns.
+MARKERS = {
+    "vicuna_v1": lambda t: {"<s>": (1, 0), "</s>": (0, t)},
+    "mistral": lambda t: {"<s>": (1, 0), "</s>": (0, t)},
+    "llama3": lambda t: {
+        "<|begin_of_text|>": (1, 0),
+        "<|start_header_id|>": (2 * t, 0),
+        "<|end_header_id|>": (2 * t, 0),
+        "<|eot_id|>": (t, t),
+    },
+    "chatml": lambda t: {"<|im_start|>": (1 + 2 * t, 0), "<|im_end|>": (1 + t, t)},
+    "phi3": lambda t: {
+        "<s>": (0, 0),
+        "<|user|>": (t, 0),
+        "<|assistant|>": (t, 0),
+        "<|end|>": (t, t),
+        "<|endoftext|>": (1, 0),
+    },
+}
+# The text that opens a user turn, just before its content.
+USER_OPENER = {
+    "vicuna_v1": "USER: ",
+    "mistral": "[INST] ",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n",
+    "chatml": "<|im_start|>user\n",
+    "phi3": "<|user|>\n",
+}
+
+
+def _turns(pairs: list[tuple[str, str]], last_human: str | None = None) -> list[Turn]:
+    turns = [t for q, a in pairs for t in (Turn("human", q), Turn("gpt", a))]
+    return [*turns, Turn("human", last_human)] if last_human is not None else turns
+
+
+def _conv(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"from": t.role, "value": t.text} for t in _turns(pairs)]
+
+
+def _text(template: Template, turns: list[Turn]) -> str:
+    return "".join(piece for piece, _ in template.render(turns))
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def _runs(mask: list[bool]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, flag in enumerate([*mask, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+# --------------------------------------------------------------------------- real tokenizers
+
+
+def _preset_tokenizer(preset: str, folder: Path) -> Any:
+    """Load `folder` through vlmlab's loader with the preset's own tokenizer settings."""
+    settings = OmegaConf.to_container(OmegaConf.load(conf_dir() / "llm" / f"{preset}.yaml"))
+    assert isinstance(settings, dict)
+    return build_tokenizer({**settings["tokenizer"], "name_or_path": str(folder)})
+
+
+def _sentencepiece_llama(folder: Path) -> Any:
+    """mistral_common's v1 SentencePiece model (Mistral-7B v0.1/v0.2, 32K) as a Llama tokenizer.
+
+    Without the `sentencepiece` package, AutoTokenizer cannot read a bare tokenizer.model, so the
+    ModelProto is read with protobuf as transformers' converter does.
+    """
+    try:
+        data = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    except ModuleNotFoundError:
+        pytest.skip("mistral_common (which ships the 32K SentencePiece model) is not installed")
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import import_protobuf
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(data.read_bytes())
+    assert proto.trainer_spec.model_type == 2  # BPE, like Llama-2
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    tokenizer = LlamaTokenizer(
+        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=False
+    )
+    assert len(tokenizer) >= 32000, "an empty tokenizer was built"
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+# Phi-3-mini's added tokens (ids 32000-32010 on top of the Llama-2 32K vocabulary); the chat
+# markers strip whitespace on their right, as in its tokenizer.json.
+PHI3_ADDED = [
+    ("<|endoftext|>", False),
+    ("<|assistant|>", True),
+    *[(f"<|placeholder{i}|>", True) for i in (1, 2, 3, 4)],
+    ("<|system|>", True),
+    ("<|end|>", True),
+    *[(f"<|placeholder{i}|>", True) for i in (5, 6)],
+    ("<|user|>", True),
+]
+
+LLAMA3_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+# Pre-tokenizer regexes of the Llama-3 (tiktoken cl100k-like) and Qwen2 tokenizers.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level_bpe(
+    folder: Path, split: str, special: list[str], bos: str | None, **tokens: str
+) -> None:
+    """A small real byte-level BPE with the model's pre-tokenizer regex and special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmlab.data.shapes import corpus_text
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [*corpus_text(), *(a for pair in CONVERSATION for a in pair), "user assistant system"]
+    tokenizer.train_from_iterator(corpus * 2, trainer=trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tokenizer.token_to_id(bos))],
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, clean_up_tokenization_spaces=False, **tokens
+    )
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """template name -> a real tokenizer for it, loaded with the matching preset's settings."""
+    from transformers import AddedToken, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    _sentencepiece_llama(root / "sp")
+    phi = AutoTokenizer.from_pretrained(root / "sp", add_bos_token=False)
+    phi.add_tokens(
+        [AddedToken(t, rstrip=r, normalized=False, special=True) for t, r in PHI3_ADDED],
+        special_tokens=True,
+    )
+    phi.eos_token = "<|endoftext|>"
+    phi.save_pretrained(root / "phi3")
+    _byte_level_bpe(
+        root / "llama3",
+        LLAMA3_SPLIT,
+        LLAMA3_SPECIAL,
+        bos="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+    )
+    _byte_level_bpe(
+        root / "chatml",
+        QWEN2_SPLIT,
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    return {
+        "vicuna_v1": _preset_tokenizer("vicuna7b", root / "sp"),
+        "mistral": _preset_tokenizer("mistral7b", root / "sp"),
+        "phi3": _preset_tokenizer("phi3_mini", root / "phi3"),
+        "llama3": _preset_tokenizer("llama3_8b", root / "llama3"),
+        "chatml": _preset_tokenizer("qwen2_7b", root / "chatml"),
+    }
+
+
+def test_tokenizers_are_real_and_have_the_markers(tokenizers: dict[str, Any]) -> None:
+    for name, tok in tokenizers.items():
+        ids = tok(OFFICIAL_TWO_TURNS[name], add_special_tokens=False)["input_ids"]
+        for marker in MARKERS[name](2):
+            marker_id = tok.convert_tokens_to_ids(marker)
+            assert marker_id is not None and marker_id != tok.unk_token_id, (name, marker)
+            if marker in OFFICIAL_TWO_TURNS[name]:  # one token, never split into pieces
+                assert marker_id in ids, (name, marker)
+        assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == len(tok) - 1  # added by build_tokenizer
+        assert tok.pad_token_id is not None
+    sp = tokenizers["mistral"]
+    assert len(sp) == 32001 and sp.tokenize("Hello world") == ["▁Hello", "▁world"]
+    phi = tokenizers["phi3"]
+    assert phi.convert_tokens_to_ids(["<|endoftext|>", "<|end|>", "<|user|>"]) == [
+        32000,
+        32007,
+        32010,
+    ]
+    assert phi.eos_token == "<|endoftext|>"
+
+
+# --------------------------------------------------------------------------- rendered text
+
+
+@pytest.mark.parametrize("name", CHAT_TEMPLATES)
+def test_two_turns_render_exactly_the_official_text(tokenizers: dict[str, Any], name: str) -> None:
+    tok = tokenizers[name]
+    template = get_template(name, tok.eos_token)
+    text = _text(template, _turns(CONVERSATION[:2]))
+    assert TOKENIZER_PREFIX.get(name, "") + text == OFFICIAL_TWO_TURNS[name]
+    # the tokenizer adds exactly the BOS (and SentencePiece's dummy prefix) and nothing else
+    ids = tok(text, add_special_tokens=template.adds_bos)["input_ids"]
+    assert tok.decode(ids) == _decoded(name, text)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_JINJA))
+@pytest.mark.parametrize("num_turns", [1, 2, 3, 4])
+def test_render_and_prompt_equal_the_official_jinja(
+    tokenizers: dict[str, Any], name: str, num_turns: int
+) -> None:
+    """transformers renders the model's Jinja template; ours must agree, turn by turn."""
+    tok = tokenizers[name]
+    template = get_template(name, tok.eos_token)
+    pairs = CONVERSATION[:num_turns]
+    messages = [
+        {"role": "user" if t.role == "human" else "assistant", "content": t.text}
+        for t in _turns(pairs)
+    ]
+    official = tok.apply_chat_template(messages, chat_template=OFFICIAL_JINJA[name], tokenize=False)
+    assert TOKENIZER_PREFIX.get(name, "") + _text(template, _turns(pairs)) == official
+    # generation prompt: all previous turns, a new question, the assistant cue
+    follow_up = "And its size?"
+    official_prompt = tok.apply_chat_template(
+        [*messages, {"role": "user", "content": follow_up}],
+        chat_template=OFFICIAL_JINJA[name],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt = TOKENIZER_PREFIX.get(name, "") + template.prompt(_turns(pairs, follow_up))
+    assert prompt == official_prompt
+
+
+def test_llama3_trims_like_its_jinja(tokenizers: dict[str, Any]) -> None:
+    template = get_template("llama3")
+    text = _text(template, _turns([("  Colour?\n", "\n Red. ")]))
+    assert "\n\nColour?<|eot_id|>" in text and "\n\nRed.<|eot_id|>" in text
+
+
+# --------------------------------------------------------------------------- masking
+
+
+def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image: bool) -> None:
+    template = get_template(name, tok.eos_token)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    encoder = TextEncoder(tok, template, M, image_id, max_length=4096)
+    out = encoder.encode(_conv(pairs), has_image=has_image)
+    ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
+    assert len(ids) == len(labels)
+    assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(ids, labels))
+    # BOS: exactly one, first, where the template uses one; none otherwise
+    bos = tok.bos_token_id
+    if template.adds_bos:
+        assert ids[0] == bos and ids.count(bos) == 1 and labels[0] == IGNORE_INDEX
+    elif bos is not None:
+        assert bos not in ids
+    # <image>: M contiguous ignored copies, right after the first user turn's opener
+    positions = [i for i, t in enumerate(ids) if t == image_id]
+    if has_image:
+        assert positions == list(range(positions[0], positions[0] + M))
+        assert all(labels[i] == IGNORE_INDEX for i in positions)
+        before = tok.decode(ids[: positions[0]], skip_special_tokens=False)
+        assert _squash(before).endswith(_squash(USER_OPENER[name]))
+        assert _squash(before).count(_squash(USER_OPENER[name])) == 1
+    else:
+        assert positions == []
+    # targets: one run per assistant turn = the reply and its end-of-turn marker, nothing else
+    runs = _runs([lab != IGNORE_INDEX for lab in labels])
+    assert len(runs) == len(pairs)
+    stop_id = tok.convert_tokens_to_ids(template.stop)
+    for (start, end), (_, answer) in zip(runs, pairs):
+        assert ids[end - 1] == stop_id
+        run_text = tok.decode(ids[start:end], skip_special_tokens=False)
+        assert _squash(run_text) == _squash(answer + template.stop)
+    # special tokens inside and outside the targets
+    for marker, (outside, inside) in MARKERS[name](len(pairs)).items():
+        marker_id = tok.convert_tokens_to_ids(marker)
+        in_targets = sum(1 for t, lab in zip(ids, labels) if t == marker_id and lab != IGNORE_INDEX)
+        assert (ids.count(marker_id) - in_targets, in_targets) == (outside, inside), marker
+    # the context holds every question and no answer
+    context = tok.decode(
+        [t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX and t != image_id],
+        skip_special_tokens=True,
+    )
+    for question, answer in pairs:
+        assert _squash(question.replace(IMAGE_TOKEN, "")) in _squash(context)
+        assert _squash(answer) not in _squash(context)
+    # separators: the unexpanded ids decode to exactly the official text
+    text = _text(template, _turns(pairs))
+    raw = tok(text, add_special_tokens=template.adds_bos)["input_ids"]
+    assert [t for t in ids if t != image_id] == [t for t in raw if t != image_id]
+    assert tok.decode(raw) == _decoded(name, text)
+
+
+@pytest.mark.parametrize("name", CHAT_TEMPLATES)
+@pytest.mark.parametrize("num_turns", [1, 2, 3, 4])
+@pytest.mark.parametrize("has_image", [True, False], ids=["image", "text"])
+def test_only_replies_and_their_end_marker_are_targets(
+    tokenizers: dict[str, Any], name: str, num_turns: int, has_image: bool
+) -> None:
+    pairs = CONVERSATION[:num_turns]
+    if not has_image:
+        pairs = [(q.replace("<image>\n", ""), a) for q, a in pairs]
+    _check_masking(tokenizers[name], name, pairs, has_image)
+
+
+@pytest.mark.parametrize("name", CHAT_TEMPLATES)
+def test_prompt_is_the_training_text_up_to_the_assistant_cue(
+    tokenizers: dict[str, Any], name: str
+) -> None:
+    tok = tokenizers[name]
+    template = get_template(name, tok.eos_token)
+    turns = _turns(CONVERSATION)
+    segments = template.render(turns)
+    text = _text(template, turns)
+    train_ids = tok(text, add_special_tokens=template.adds_bos)["input_ids"]
+    offset, starts = 0, []
+    for piece, is_target in segments:
+        if is_target:
+            starts.append(offset)
+        offset += len(piece)
+    assert len(starts) == len(CONVERSATION)
+    for k, start in enumerate(starts):
+        prompt = template.prompt(turns[: 2 * k + 1])
+        assert prompt == text[:start]
+        prompt_ids = tok(prompt, add_special_tokens=template.adds_bos)["input_ids"]
+        assert train_ids[: len(prompt_ids)] == prompt_ids  # generation sees the training tokens
+        reply = tok(text[: start + len(segments[2 * k + 1][0])], add_special_tokens=False)
+        assert len(reply["input_ids"]) > len(prompt_ids) - int(template.adds_bos)
+    with pytest.raises(ValueError, match="human"):
+        template.prompt(turns)  # ends with a reply: nothing to generate
+
+
+def test_mistral_tokens_equal_mistral_commons_reference(tokenizers: dict[str, Any]) -> None:
+    """Mistral's own encoder (mistral_common InstructTokenizerV1) over the same SentencePiece
+    model gives the same ids as one pass over our text: training and inference match."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import InstructRequest
+    from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV1
+
+    tok = tokenizers["mistral"]
+
+    class Pieces:  # mistral_common's Tokenizer interface: each piece encoded on its own
+        bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
+
+        def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+            ids = tok(s, add_special_tokens=False)["input_ids"]
+            return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+        def decode(self, tokens: list[int], *args: Any, **kwargs: Any) -> str:
+            return str(tok.decode(tokens))
+
+        def get_special_token(self, s: str) -> int:
+            return int(tok.convert_tokens_to_ids(s))
+
+    reference: Any = InstructTokenizerV1(Pieces())  # type: ignore[arg-type]
+    template = get_template("mistral", tok.eos_token)
+    pairs = [(q.replace("<image>\n", ""), a) for q, a in CONVERSATION]
+    for k in range(1, len(pairs) + 1):
+        messages: list[Any] = []
+        for q, a in pairs[:k]:
+            messages += [UserMessage(content=q), AssistantMessage(content=a)]
+        expected = reference.encode_instruct(InstructRequest(messages=messages))
+        ours = tok(_text(template, _turns(pairs[:k])))["input_ids"]
+        assert ours == expected.tokens
+        prompt = reference.encode_instruct(
+            InstructRequest(messages=[*messages, UserMessage(content="And its size?")])
+        )
+        assert tok(template.prompt(_turns(pairs[:k], "And its size?")))["input_ids"] == (
+            prompt.tokens
+        )
+    # `<s> [INST] ` and ` [/INST]` as Mistral-7B-Instruct-v0.2 tokenises them
+    assert ours[:4] == [1, 733, 16289, 28793]
+    assert ours[ours.index(28748) - 1 : ours.index(28748) + 3] == [733, 28748, 16289, 28793]
+
+
+def test_stop_and_eos_come_from_the_tokenizer() -> None:
+    assert get_template("mistral", "</s>").stop == "</s>"
+    assert get_template("mistral", "<eos>").stop == "<eos>"
+    assert get_template("vicuna_v1", "<eos>").stop == "<eos>"
+    assert get_template("llama3", "<|end_of_text|>").stop == "<|eot_id|>"
+    assert get_template("chatml", "<|endoftext|>").stop == "<|im_end|>"
+    phi3 = get_template("phi3", "<|endoftext|>")
+    assert phi3.stop == "<|end|>"
+    assert _text(phi3, _turns(CONVERSATION[:1])).endswith("<|end|>\n<|endoftext|>")
+    assert get_template("phi3").render(_turns(CONVERSATION[:1]))[-1] == ("<|endoftext|>", False)
+
+
+def test_unknown_template_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"stage\.template.*'llama2'") as info:
+        get_template("llama2")
+    assert info.value.key == "stage.template"
+    for name in [*CHAT_TEMPLATES, "plain"]:
+        assert name in str(info.value)
+        assert get_template(name).name == name
+
+
+# --------------------------------------------------------------------------- LLM presets
+
+# option: (name_or_path, template, parameters, architecture class, hidden, layers, heads,
+#          kv heads, embedding rows, rope theta, tied embeddings)
+PRESETS = {
+    "vicuna7b": ("lmsys/vicuna-7b-v1.5", "vicuna_v1", 6.74e9, "Llama", 4096, 32, 32, 32, 32000),
+    "vicuna13b": ("lmsys/vicuna-13b-v1.5", "vicuna_v1", 13.0e9, "Llama", 5120, 40, 40, 40, 32000),
+    "llama3_8b": (
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        "llama3",
+        8.03e9,
+        "Llama",
+        4096,
+        32,
+        32,
+        8,
+        128256,
+    ),
+    "mistral7b": (
+        "mistralai/Mistral-7B-Instruct-v0.2",
+        "mistral",
+        7.24e9,
+        "Mistral",
+        4096,
+        32,
+        32,
+        8,
+        32000,
+    ),
+    "qwen2_0_5b": ("Qwen/Qwen2-0.5B-Instruct", "chatml", 0.494e9, "Qwen2", 896, 24, 14, 2, 151936),
+    "qwen2_7b": ("Qwen/Qwen2-7B-Instruct", "chatml", 7.62e9, "Qwen2", 3584, 28, 28, 4, 152064),
+    "phi3_mini": (
+        "microsoft/Phi-3-mini-4k-instruct",
+        "phi3",
+        3.82e9,
+        "Phi3",
+        3072,
+        32,
+        32,
+        32,
+        32064,
+    ),
+}
+ROPE_THETA = {
+    "vicuna7b": 1e4,
+    "vicuna13b": 1e4,
+    "llama3_8b": 5e5,
+    "mistral7b": 1e6,
+    "qwen2_0_5b": 1e6,
+    "qwen2_7b": 1e6,
+    "phi3_mini": 1e4,
+}
+
+
+def test_every_llm_option_is_covered() -> None:
+    options = {p.stem for p in (conf_dir() / "llm").glob("*.yaml")}
+    assert options == {*PRESETS, "tiny"}
+
+
+@pytest.mark.parametrize("option", sorted(PRESETS))
+def test_llm_preset_builds_the_real_shapes_on_meta(compose_cfg, option: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name, template, params, arch, hidden, layers, heads, kv_heads, rows = PRESETS[option]
+    cfg = compose_cfg(f"llm={option}")
+    assert cfg.llm.name_or_path == cfg.llm.tokenizer.name_or_path == name
+    assert cfg.llm.pretrained is True
+    assert cfg.llm.template == template
+    arch_numbers = OmegaConf.to_container(cfg.llm.config, resolve=True)
+    assert isinstance(arch_numbers, dict)
+    config = AutoConfig.for_model(**{str(k): v for k, v in arch_numbers.items()})
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(config)
+    assert type(llm).__name__ == f"{arch}ForCausalLM"
+    n = sum(p.numel() for p in llm.parameters())
+    assert n == pytest.approx(params, rel=0.01)
+    assert (config.hidden_size, config.num_hidden_layers) == (hidden, layers)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (heads, kv_heads)
+    assert llm.get_input_embeddings().num_embeddings == rows
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": config.rope_theta}
+    assert rope["rope_theta"] == ROPE_THETA[option]
+    tied = option == "qwen2_0_5b"
+    assert config.tie_word_embeddings is tied
+    assert (llm.lm_head.weight is llm.get_input_embeddings().weight) is tied
+
+
+@pytest.mark.parametrize("option", [*sorted(PRESETS), "tiny"])
+def test_preset_tokenizer_bos_agrees_with_its_template(compose_cfg, option: str) -> None:
+    """A template that expects the tokenizer's BOS gets `add_bos_token: true` and vice versa:
+    the silent all--100 bug comes from exactly this mismatch."""
+    cfg = compose_cfg(f"llm={option}", "stage=2")
+    assert cfg.stage.template == cfg.llm.template
+    template = get_template(cfg.llm.template)
+    tokenizer_cfg = OmegaConf.to_container(cfg.llm.tokenizer)
+    assert isinstance(tokenizer_cfg, dict)
+    if option == "tiny":  # the bundled tokenizer adds <s> by itself
+        assert template.adds_bos
+    else:
+        assert tokenizer_cfg.get("add_bos_token", False) is template.adds_bos
