@@ -430,3 +430,28 @@ def test_init_from_mismatch_and_policy_problems_in_one_message(
         train(cfg)
     message = str(err.value)
     assert "different connector" in message and "'no_such_module' matches no parameter" in message
+
+
+def test_continue_training_from_an_hf_llava_folder(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """stage.init_from=hf:<dir>: every weight from the HF folder, and chains replay it later."""
+    from vlmlab.models.hf_llava import export_hf_llava
+
+    base_cfg = compose_cfg()
+    source, tokenizer = _model(base_cfg)
+    with torch.no_grad():  # an HF checkpoint that is not our random init
+        for param in source.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    hf_dir = export_hf_llava(source, tokenizer, tmp_path / "hf")
+
+    result = train(compose_cfg("stage=1", f"stage.init_from=hf:{hf_dir}", "logger=none"))
+    meta = checkpoints.read_meta(Path(result["checkpoint"]))
+    assert meta["hf_base"] == str(hf_dir) and meta["parent"] is None
+    rebuilt, _, _ = build_from_checkpoint(Path(result["checkpoint"]))
+    ours = dict(rebuilt.named_parameters())
+    for name, param in source.named_parameters():
+        if name.startswith("connector."):  # stage 1 trained it away from the HF weights
+            assert not torch.equal(ours[name], param), name
+        else:  # frozen: exactly the HF folder's weights
+            assert torch.equal(ours[name], param), name

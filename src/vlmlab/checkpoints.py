@@ -83,6 +83,11 @@ def load_chain(model: nn.Module, ckpt_dir: Path, merge_last: bool = True) -> lis
         chain.append(current)
         parent = read_meta(current).get("parent")
         current = Path(parent) if parent else None
+    hf_base = read_meta(chain[-1]).get("hf_base")
+    if hf_base:  # the chain started from an HF Llava folder: its weights come first
+        from vlmlab.models.hf_llava import load_hf_weights
+
+        load_hf_weights(model, hf_base)  # type: ignore[arg-type]
     for path in reversed(chain):
         lora = read_meta(path).get("lora")
         if lora:

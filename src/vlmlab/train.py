@@ -220,11 +220,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Validate init_from and the policy together: one message lists every problem.
     problems: list[ConfigError] = []
     init: Path | None = None
+    init_from = str(cfg.stage.get("init_from") or "")
+    hf_base = init_from.removeprefix("hf:") if init_from.startswith("hf:") else None
     try:
         if resume_from is not None:
             init = Path(resume_state["init"]) if resume_state.get("init") else None
-        else:
+            hf_base = resume_state.get("hf_base")
+        elif hf_base is None:
             init = resolve_init(cfg, fingerprints, ckpt_root, choices, uri)
+        if hf_base is not None:  # an HF Llava directory: every weight, then this stage trains on it
+            from vlmlab.models.hf_llava import load_hf_weights
+
+            load_hf_weights(model, hf_base)
     except ConfigError as err:
         problems.append(err)
     if init is not None:
@@ -305,7 +312,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         resume_dir.mkdir(parents=True, exist_ok=True)
         (resume_dir / "run.json").write_text(
-            json.dumps({"init": str(init) if init else None, "mlflow_run_id": run_id})
+            json.dumps(
+                {"init": str(init) if init else None, "hf_base": hf_base, "mlflow_run_id": run_id}
+            )
         )
         if logger is not None and resume_from is None:
             _log_run_start(logger, cfg, table, plan, init)
@@ -329,6 +338,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "template": str(cfg.stage.template),
             "lora": plan.lora,
             "parent": str(init) if init is not None else None,
+            "hf_base": hf_base,  # the root of the chain when it started from an HF Llava folder
             "mlflow_run_id": run_id,
             "global_step": trainer.global_step,
             "metrics": metrics,
