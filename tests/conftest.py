@@ -29,6 +29,14 @@ TINY_DATA = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri() -> object:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI into os.environ; keep tests isolated."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generated tiny shapes dataset shared by the whole session (generation is deterministic)."""

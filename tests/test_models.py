@@ -460,3 +460,37 @@ def test_exact_resize_and_tall_images() -> None:
     assert torch.allclose(tall[:, 24, 24], torch.ones(3), atol=1e-3)  # white centre
     with pytest.raises(ValueError, match="aspect"):
         ImageTransform(size=8, mean=(0.5,) * 3, std=(0.5,) * 3, aspect="stretch")
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["vicuna7b", "vicuna13b", "llama3_8b", "mistral7b", "qwen2_0_5b", "qwen2_7b", "phi3_mini"],
+)
+def test_llm_preset_builds_at_tiny_size_and_runs(compose_cfg, option: str) -> None:
+    """Each preset's own architecture class, shrunk, inside a real VLM forward and backward."""
+    tiny = [
+        "llm.pretrained=false",
+        "llm.tokenizer={name_or_path: 'pkg://tiny_tokenizer'}",
+        "llm.config.hidden_size=64",
+        "llm.config.intermediate_size=128",
+        "llm.config.num_hidden_layers=2",
+        "llm.config.num_attention_heads=4",
+        "llm.config.num_key_value_heads=2",
+        "llm.config.vocab_size=null",
+        "++llm.config.bos_token_id=null",
+        "++llm.config.eos_token_id=null",
+        "++llm.config.pad_token_id=null",
+    ]
+    cfg = compose_cfg(f"llm={option}", *tiny)
+    model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+    assert model.llm.config.model_type == cfg.llm.config.model_type
+    ids = torch.tensor(
+        [[tokenizer.bos_token_id, *[model.image_token_id] * model.num_image_tokens, 10, 11, 12]]
+    )
+    pixels = torch.randn(1, 3, model.encoder.image_size, model.encoder.image_size)
+    out = model(
+        ids, torch.ones_like(ids), pixels, labels=ids.masked_fill(ids == model.image_token_id, -100)
+    )
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.connector.parameters())

@@ -221,6 +221,16 @@ def test_lora_merge_gives_the_same_logits(
     out = merge_checkpoint(ckpt, tmp_path / "merged")
     tensors = load_file(str(out / "model.safetensors"))
     assert not any("lora_" in name for name in tensors)
+    from transformers import LlavaForConditionalGeneration  # mlp connector: an HF export too
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out / "hf").eval()
+    with torch.no_grad():
+        hf_logits = hf(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        ).logits
+    assert (hf_logits - reference).abs().max() <= 1e-5
     fresh = _model(compose_cfg("stage=2_lora"))[0]
     fresh.load_state_dict(tensors)
     assert (_logits(fresh, batch) - reference).abs().max() <= 1e-5
@@ -394,6 +404,7 @@ def test_accumulation_on_two_ddp_ranks(tmp_path: Path) -> None:
         "+trainer.limit_train_batches=2",
     ]
     env = {**os.environ, "VLMLAB_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -50,4 +50,23 @@ def merge_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     merged_meta = {**meta, "merged_from": str(ckpt_dir), "lora": None, "parent": None}
     (out_dir / "meta.json").write_text(json.dumps(merged_meta, indent=1))
     log.info("merged %s (%d tensors) into %s", ckpt_dir, len(tensors), out_dir)
+    _export_if_possible(model, tokenizer, meta, out_dir / "hf")
     return out_dir
+
+
+def _export_if_possible(
+    model: VisionLanguageModel, tokenizer: Any, meta: dict[str, Any], out: Path
+) -> None:
+    """Also write a transformers Llava folder when the composition has an HF equivalent."""
+    from vlmlab.data.templates import get_template
+    from vlmlab.models.hf_llava import check_exportable, export_hf_llava
+
+    try:
+        check_exportable(model)
+    except ConfigError as err:
+        log.info("no HF Llava export (%s); the merged model above is complete", err)
+        return
+    name = meta.get("template") or meta.get("config", {}).get("llm", {}).get("template")
+    template = get_template(name, tokenizer.eos_token) if name and name != "plain" else None
+    export_hf_llava(model, tokenizer, out, template=template)
+    log.info("HF Llava export written to %s", out)
