@@ -6,6 +6,7 @@ string is tokenised once and a token is a target exactly when it overlaps a targ
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from vlmlab.errors import ConfigError
@@ -21,23 +22,26 @@ class Turn:
     text: str
 
 
-class Template:
+class Template(ABC):
     """Base: `render` returns segments for training; `prompt` returns the text to generate from."""
 
     name: str = ""
     adds_bos: bool = True
+    eot: str = ""  # the text that ends an assistant reply
 
+    @abstractmethod
     def render(self, turns: list[Turn]) -> list[Segment]:
-        raise NotImplementedError
+        """Segments (text, is_target) of a whole conversation."""
 
     def prompt(self, turns: list[Turn]) -> str:
         """Text for generation: all turns, the last being a human turn, then the assistant cue."""
-        raise NotImplementedError
+        _check_prompt_turns(turns)
+        return "".join(text for text, _ in self.render(turns))
 
     @property
     def stop(self) -> str:
         """Text that ends an assistant reply."""
-        raise NotImplementedError
+        return self.eot
 
 
 def _check_prompt_turns(turns: list[Turn]) -> None:
@@ -77,7 +81,7 @@ class VicunaV1Template(Template):
     roles = {"human": "USER", "gpt": "ASSISTANT"}
 
     def __init__(self, eos: str = "</s>") -> None:
-        self.eos = eos
+        self.eos = self.eot = eos
 
     def render(self, turns: list[Turn]) -> list[Segment]:
         segments: list[Segment] = [(self.system + " ", False)]
@@ -87,14 +91,6 @@ class VicunaV1Template(Template):
             else:
                 segments.append((f" {turn.text}{self.eos}", True))
         return segments
-
-    def prompt(self, turns: list[Turn]) -> str:
-        _check_prompt_turns(turns)
-        return "".join(text for text, _ in self.render(turns))
-
-    @property
-    def stop(self) -> str:
-        return self.eos
 
 
 class Llama3Template(Template):
@@ -124,14 +120,6 @@ class Llama3Template(Template):
                 segments.append((text + self.eot, True))
         return segments
 
-    def prompt(self, turns: list[Turn]) -> str:
-        _check_prompt_turns(turns)
-        return "".join(text for text, _ in self.render(turns))
-
-    @property
-    def stop(self) -> str:
-        return self.eot
-
 
 class ChatMLTemplate(Template):
     """ChatML as Qwen2 Instruct uses it (`chatml`), Qwen/Qwen2-7B-Instruct and Qwen2-0.5B-Instruct.
@@ -157,14 +145,6 @@ class ChatMLTemplate(Template):
                 segments += [(turn.text + self.eot, True), ("\n", False)]
         return segments
 
-    def prompt(self, turns: list[Turn]) -> str:
-        _check_prompt_turns(turns)
-        return "".join(text for text, _ in self.render(turns))
-
-    @property
-    def stop(self) -> str:
-        return self.eot
-
 
 class MistralTemplate(Template):
     """Mistral Instruct v0.1/v0.2 (`mistral`): `[INST] q [/INST] a</s> [INST] q2 [/INST] a2</s>`.
@@ -180,7 +160,7 @@ class MistralTemplate(Template):
     name = "mistral"
 
     def __init__(self, eos: str = "</s>") -> None:
-        self.eos = eos
+        self.eos = self.eot = eos
 
     def render(self, turns: list[Turn]) -> list[Segment]:
         segments: list[Segment] = []
@@ -190,14 +170,6 @@ class MistralTemplate(Template):
             else:
                 segments.append((f" {turn.text}{self.eos}", True))
         return segments
-
-    def prompt(self, turns: list[Turn]) -> str:
-        _check_prompt_turns(turns)
-        return "".join(text for text, _ in self.render(turns))
-
-    @property
-    def stop(self) -> str:
-        return self.eos
 
 
 class Phi3Template(Template):
