@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
-import shutil
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.helpers import label_runs, mistral_sentencepiece_tokenizer, squash
 from vlmlab.data.templates import Turn, get_template
 from vlmlab.data.tokenize import BadSample, TextEncoder
 from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
@@ -43,22 +40,6 @@ def _text_encoder(
     )
 
 
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", text)
-
-
-def _runs(mask: list[bool]) -> list[tuple[int, int]]:
-    """Contiguous [start, end) runs of True."""
-    runs, start = [], None
-    for i, flag in enumerate([*mask, False]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 def _check_vicuna(
     tokenizer: Any, encoder: TextEncoder, turns: list[tuple[str, str]], has_image: bool
 ) -> None:
@@ -82,18 +63,18 @@ def _check_vicuna(
     # a label is either ignored or the token itself
     assert all(lab in (IGNORE_INDEX, tok) for tok, lab in zip(ids, labels))
     target = [lab != IGNORE_INDEX for lab in labels]
-    runs = _runs(target)
+    runs = label_runs(target)
     # one contiguous target run per assistant turn, each ending with EOS
     assert len(runs) == len(turns)
     eos = tokenizer.eos_token_id
     for (start, end), (_, answer) in zip(runs, turns):
         assert ids[end - 1] == eos
         run_text = tokenizer.decode(ids[start:end], skip_special_tokens=False)
-        assert _squash(run_text) == _squash(answer + tokenizer.eos_token)
+        assert squash(run_text) == squash(answer + tokenizer.eos_token)
     assert sum(1 for t in ids if t == eos) == len(turns)  # every EOS is a target
     labelled = tokenizer.decode([lab for lab in labels if lab != IGNORE_INDEX])
     expected = "".join(f" {answer}{tokenizer.eos_token}" for _, answer in turns)
-    assert _squash(labelled) == _squash(expected)
+    assert squash(labelled) == squash(expected)
     # the prompt side (system, roles, questions) is all ignored
     context = tokenizer.decode(
         [t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX and t != image_id],
@@ -103,9 +84,9 @@ def _check_vicuna(
     assert context.count("USER:") == len(turns)
     assert context.count("ASSISTANT:") == len(turns)
     for question, _ in turns:
-        assert _squash(question.replace(IMAGE_TOKEN, "")) in _squash(context)
+        assert squash(question.replace(IMAGE_TOKEN, "")) in squash(context)
     for _, answer in turns:
-        assert _squash(answer) not in _squash(context)
+        assert squash(answer) not in squash(context)
 
 
 # ----------------------------------------------------------------------------- tiny tokenizer
@@ -245,51 +226,9 @@ def test_truncation_reasons(tiny) -> None:
 # ----------------------------------------------------------------------------- real Llama SP
 
 
-def _find_sentencepiece_model() -> Path | None:
-    try:
-        data = resources.files("mistral_common") / "data"
-    except ModuleNotFoundError:
-        return None
-    candidates = sorted(p for p in data.iterdir() if p.name.startswith("tokenizer.model"))
-    return Path(str(candidates[0])) if candidates else None
-
-
-def _load_sentencepiece_tokenizer(model_file: Path, folder: Path) -> Any:
-    """The 32k Llama-family SentencePiece BPE as a transformers Llama tokenizer.
-
-    AutoTokenizer on a bare tokenizer.model needs the `sentencepiece` package; without it,
-    read the ModelProto with protobuf exactly as transformers' SentencePieceExtractor does.
-    """
-    shutil.copy(model_file, folder / "tokenizer.model")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, add_bos_token=True, legacy=False)
-        if len(tokenizer) >= 32000:
-            return tokenizer
-    except (ImportError, ValueError, OSError):
-        pass
-    from transformers import LlamaTokenizer
-    from transformers.convert_slow_tokenizer import import_protobuf
-    from transformers.tokenization_utils_base import generate_merges
-
-    proto = import_protobuf().ModelProto()
-    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
-    assert proto.trainer_spec.model_type == 2  # BPE, like Llama
-    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    return LlamaTokenizer(
-        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=False
-    )
-
-
 @pytest.fixture(scope="module")
 def llama_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    model_file = _find_sentencepiece_model()
-    if model_file is None:
-        pytest.skip("mistral_common's tokenizer.model.v1 (SentencePiece, 32k) is not installed")
-    raw = tmp_path_factory.mktemp("sp")
-    tokenizer = _load_sentencepiece_tokenizer(model_file, raw)
-    assert len(tokenizer) >= 32000, "an empty tokenizer was built"
+    tokenizer = mistral_sentencepiece_tokenizer(tmp_path_factory.mktemp("sp"))
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
     # through vlmlab's own loader, configured like the vicuna7b preset
     saved = tmp_path_factory.mktemp("sp_saved")
@@ -335,5 +274,5 @@ def test_plain_masking_llama_tokenizer(llama_tokenizer) -> None:
     assert labels[:577] == [IGNORE_INDEX] * 577
     target = [lab for lab in labels if lab != IGNORE_INDEX]
     assert target == ids[577:]
-    assert _squash(tok.decode(target)) == _squash(caption)
+    assert squash(tok.decode(target)) == squash(caption)
     assert tok.decode(target).endswith("\n")

@@ -12,7 +12,6 @@ Each preset's architecture numbers build the real shapes on the meta device.
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tests.helpers import label_runs, mistral_sentencepiece_tokenizer, squash
 from vlmlab.config import conf_dir
 from vlmlab.data.templates import Template, Turn, get_template
 from vlmlab.data.tokenize import TextEncoder
@@ -165,21 +165,6 @@ def _text(template: Template, turns: list[Turn]) -> str:
     return "".join(piece for piece, _ in template.render(turns))
 
 
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", "", text)
-
-
-def _runs(mask: list[bool]) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for i, flag in enumerate([*mask, False]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 # --------------------------------------------------------------------------- real tokenizers
 
 
@@ -188,32 +173,6 @@ def _preset_tokenizer(preset: str, folder: Path) -> Any:
     settings = OmegaConf.to_container(OmegaConf.load(conf_dir() / "llm" / f"{preset}.yaml"))
     assert isinstance(settings, dict)
     return build_tokenizer({**settings["tokenizer"], "name_or_path": str(folder)})
-
-
-def _sentencepiece_llama(folder: Path) -> Any:
-    """mistral_common's v1 SentencePiece model (Mistral-7B v0.1/v0.2, 32K) as a Llama tokenizer.
-
-    Without the `sentencepiece` package, AutoTokenizer cannot read a bare tokenizer.model, so the
-    ModelProto is read with protobuf as transformers' converter does.
-    """
-    try:
-        data = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
-    except ModuleNotFoundError:
-        pytest.skip("mistral_common (which ships the 32K SentencePiece model) is not installed")
-    from transformers import LlamaTokenizer
-    from transformers.convert_slow_tokenizer import import_protobuf
-    from transformers.tokenization_utils_base import generate_merges
-
-    proto = import_protobuf().ModelProto()
-    proto.ParseFromString(data.read_bytes())
-    assert proto.trainer_spec.model_type == 2  # BPE, like Llama-2
-    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    tokenizer = LlamaTokenizer(
-        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=False
-    )
-    assert len(tokenizer) >= 32000, "an empty tokenizer was built"
-    tokenizer.save_pretrained(folder)
-    return tokenizer
 
 
 # Phi-3-mini's added tokens (ids 32000-32010 on top of the Llama-2 32K vocabulary); the chat
@@ -289,7 +248,7 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from transformers import AddedToken, AutoTokenizer
 
     root = tmp_path_factory.mktemp("tokenizers")
-    _sentencepiece_llama(root / "sp")
+    mistral_sentencepiece_tokenizer(root / "sp")
     phi = AutoTokenizer.from_pretrained(root / "sp", add_bos_token=False)
     phi.add_tokens(
         [AddedToken(t, rstrip=r, normalized=False, special=True) for t, r in PHI3_ADDED],
@@ -412,18 +371,18 @@ def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image:
         assert positions == list(range(positions[0], positions[0] + M))
         assert all(labels[i] == IGNORE_INDEX for i in positions)
         before = tok.decode(ids[: positions[0]], skip_special_tokens=False)
-        assert _squash(before).endswith(_squash(USER_OPENER[name]))
-        assert _squash(before).count(_squash(USER_OPENER[name])) == 1
+        assert squash(before).endswith(squash(USER_OPENER[name]))
+        assert squash(before).count(squash(USER_OPENER[name])) == 1
     else:
         assert positions == []
     # targets: one run per assistant turn = the reply and its end-of-turn marker, nothing else
-    runs = _runs([lab != IGNORE_INDEX for lab in labels])
+    runs = label_runs([lab != IGNORE_INDEX for lab in labels])
     assert len(runs) == len(pairs)
     stop_id = tok.convert_tokens_to_ids(template.stop)
     for (start, end), (_, answer) in zip(runs, pairs):
         assert ids[end - 1] == stop_id
         run_text = tok.decode(ids[start:end], skip_special_tokens=False)
-        assert _squash(run_text) == _squash(answer + template.stop)
+        assert squash(run_text) == squash(answer + template.stop)
     # special tokens inside and outside the targets
     for marker, (outside, inside) in MARKERS[name](len(pairs)).items():
         marker_id = tok.convert_tokens_to_ids(marker)
@@ -435,8 +394,8 @@ def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image:
         skip_special_tokens=True,
     )
     for question, answer in pairs:
-        assert _squash(question.replace(IMAGE_TOKEN, "")) in _squash(context)
-        assert _squash(answer) not in _squash(context)
+        assert squash(question.replace(IMAGE_TOKEN, "")) in squash(context)
+        assert squash(answer) not in squash(context)
     # separators: the unexpanded ids decode to exactly the official text
     text = _text(template, _turns(pairs))
     raw = tok(text, add_special_tokens=template.adds_bos)["input_ids"]

@@ -1,0 +1,50 @@
+"""Test helpers shared by several test modules (real tokenizers, label-run inspection)."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+def squash(text: str) -> str:
+    """Text without whitespace: compares decoded tokens independent of tokenizer spacing."""
+    return re.sub(r"\s+", "", text)
+
+
+def label_runs(mask: list[bool]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) runs of True."""
+    runs, start = [], None
+    for i, flag in enumerate([*mask, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def mistral_sentencepiece_tokenizer(folder: Path) -> Any:
+    """mistral_common's v1 SentencePiece model (Mistral-7B v0.1/v0.2, Llama-2 family, 32K)
+    as a transformers Llama tokenizer, saved to `folder`.
+
+    mistral-common is a dev dependency, so a missing package is a failure, not a skip. Without
+    the `sentencepiece` package AutoTokenizer cannot read a bare tokenizer.model, so the
+    ModelProto is read with protobuf as transformers' converter does.
+    """
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import import_protobuf
+    from transformers.tokenization_utils_base import generate_merges
+
+    data = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(data.read_bytes())
+    assert proto.trainer_spec.model_type == 2  # BPE, like Llama-2
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    tokenizer = LlamaTokenizer(
+        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=False
+    )
+    assert len(tokenizer) >= 32000, "an empty tokenizer was built"
+    tokenizer.save_pretrained(folder)
+    return tokenizer
