@@ -6,6 +6,7 @@
     nox -s lint       # ruff check + format check
     nox -s typecheck  # mypy on src/vlmlab
     nox -s demo       # the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy
+    nox -s bench      # benchmarks/*.py: each prints its ratio against a baseline run alongside
 """
 
 import sys
@@ -29,8 +30,9 @@ def slow(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def lint(session: nox.Session) -> None:
-    session.run(PY, "-m", "ruff", "check", "src", "tests", "noxfile.py", "train.py")
-    session.run(PY, "-m", "ruff", "format", "--check", "src", "tests", "noxfile.py", "train.py")
+    paths = ("src", "tests", "benchmarks", "noxfile.py", "train.py")
+    session.run(PY, "-m", "ruff", "check", *paths)
+    session.run(PY, "-m", "ruff", "format", "--check", *paths)
 
 
 @nox.session(python=False)
@@ -41,3 +43,9 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python=False)
 def demo(session: nox.Session) -> None:
     session.run(PY, "-m", "vlmlab", "demo", *session.posargs)
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    for script in ("padding.py", "generation_kv_cache.py", "data_throughput.py"):
+        session.run(PY, f"benchmarks/{script}", *session.posargs)

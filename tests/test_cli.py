@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,4 +76,36 @@ def test_demo_reaches_target_accuracy(tmp_path: Path) -> None:
     runs = {r.data.tags["stage"]: r for r in _runs(tmp_path, "demo")}
     assert set(runs) == {"lm", "1", "2"}
     accuracy = runs["2"].data.metrics["eval/accuracy"]
+    assert runs["2"].data.metrics["eval/shapes_colour/accuracy"] == accuracy
+
+    # `vlmlab eval` on the final model (by its MLflow run id) scores the synthetic colour
+    # benchmark exactly as the run did at its end
+    bench = tmp_path / "bench"
+    made = _run([str(vlmlab), "eval", "--make-synthetic", str(bench), "experiment=demo"], tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    out = tmp_path / "eval"
+    args = ["--bench", str(bench / "shapes_colour.jsonl"), "--out", str(out)]
+    args += ["--max-new-tokens", "6"]  # the demo's data.heldout.max_new_tokens
+    scored = _run([str(vlmlab), "eval", runs["2"].info.run_id, *args], tmp_path)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    summary = json.loads((out / "shapes_colour" / "summary.json").read_text())
+    assert summary["num_samples"] == 200 and summary["num_rejected"] == 0
+    assert summary["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert "shapes_colour" in scored.stdout
+
+    # `vlmlab chat --prompt` answers from the demo's checkpoint: a right answer of the eval
+    rows = [json.loads(line) for line in (out / "shapes_colour" / "predictions.jsonl").open()]
+    right = next(r for r in rows if r["score"] == 1.0)
+    image = bench / next(
+        json.loads(line)["image"]
+        for line in (bench / "shapes_colour.jsonl").open()
+        if json.loads(line)["id"] == right["id"]
+    )
+    ckpt = runs["2"].data.tags["checkpoint"]
+    chat_args = [str(vlmlab), "chat", ckpt, str(image), "--max-new-tokens", "6"]
+    chat = _run([*chat_args, "--prompt", "What colour is the shape?"], tmp_path)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert chat.stdout == right["prediction"] + "\n"
+    assert right["answers"][0] in chat.stdout
+
     assert accuracy >= 0.8, f"held-out colour accuracy {accuracy:.3f} < 0.8"

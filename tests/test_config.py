@@ -155,7 +155,7 @@ def test_demo_recipe_is_picked_per_stage(compose_cfg, stage: str) -> None:
 
 def test_demo_stage2_values(compose_cfg) -> None:
     cfg = compose_cfg("experiment=demo", "stage=2")
-    assert cfg.stage.epochs == 3
+    assert cfg.stage.epochs == 4
     assert cfg.stage.optim.lr == pytest.approx(1.5e-3)
     assert cfg.stage.template == "vicuna_v1"
     assert cfg.hydra.runtime.choices["experiment"] == "demo"

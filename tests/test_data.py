@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -19,7 +18,14 @@ import webdataset as wds
 from omegaconf import DictConfig
 from PIL import Image
 
-from vlmlab.data.datamodule import SampleProcessor, ShardStream, VLMDataModule, collate
+from vlmlab.data.datamodule import (
+    SampleProcessor,
+    ShardStream,
+    VLMDataModule,
+    _Collator,
+    collate,
+)
+from vlmlab.data.mixture import Mixture, Source
 from vlmlab.data.prepare import ensure_shapes, resolve_dataset
 from vlmlab.data.shapes import COLOURS, POSITIONS, ShapesSpec, generate
 from vlmlab.data.shards import MANIFEST, read_manifest, write_shards
@@ -259,31 +265,32 @@ def test_batches_have_consistent_shapes(
 
 
 def _rank_loaders(
-    shard_dir: Path, tiny_model: tuple, world_size: int, batch_size: int = 8
+    shard_dir: Path, tiny_model: tuple, world_size: int, batch_size: int = 8, num_workers: int = 0
 ) -> list[torch.utils.data.DataLoader]:
     """What `train_dataloader` builds on each rank of a `world_size` run (seed 0, epoch 0)."""
     model, tokenizer = tiny_model
     process = SampleProcessor(_text_encoder(model, tokenizer), model.encoder.image_transform)
-    shards = [str(shard_dir / s["name"]) for s in read_manifest(shard_dir)["shards"]]
     return [
         torch.utils.data.DataLoader(
             ShardStream(
-                shards,
+                Mixture([Source("instruct", shard_dir)], seed=0),
                 process,
+                batch_size=batch_size,
                 seed=0,
                 shuffle=True,
                 shuffle_buffer=16,
                 rank=rank,
                 world_size=world_size,
             ),
-            batch_size=batch_size,
-            collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_Collator(tokenizer.pad_token_id),
         )
         for rank in range(world_size)
     ]
 
 
-def test_ranks_partition_the_shards(
+def test_ranks_partition_the_samples(
     instruct_shards: tuple[Path, list[str]], tiny_model: tuple
 ) -> None:
     shard_dir, expected = instruct_shards
@@ -291,10 +298,11 @@ def test_ranks_partition_the_shards(
     assert all(per_rank)
     assert not set(per_rank[0]) & set(per_rank[1])
     assert Counter(per_rank[0] + per_rank[1]) == Counter(expected)
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1  # samples, not whole shards
 
 
 @pytest.mark.parametrize(("world_size", "num_workers", "batch_size"), [(2, 0, 8), (1, 2, 5)])
-def test_batches_per_epoch_is_an_upper_bound(
+def test_batches_per_epoch_is_exact(
     instruct_shards: tuple[Path, list[str]],
     tiny_model: tuple,
     world_size: int,
@@ -310,22 +318,21 @@ def test_batches_per_epoch_is_an_upper_bound(
             len(list(loader))
             for loader in _rank_loaders(shard_dir, tiny_model, world_size, batch_size)
         ]
-    # the LR schedule is sized from this bound: fewer would end the cosine at 0 too early
-    assert max(seen) <= dm.batches_per_epoch(world_size), seen
+    # the LR schedule is sized from this number: every rank yields exactly that many
+    assert seen == [dm.batches_per_epoch(world_size)] * world_size
+    assert seen[0] == -(-48 // world_size // batch_size)
 
 
-@pytest.mark.xfail(
-    reason="KNOWN (issue 5): with more than one rank, ranks get different numbers of batches "
-    "(whole shards per rank), so DDP ranks fall out of step at the end of the epoch",
-    raises=AssertionError,
-    strict=True,
-)
+@pytest.mark.parametrize(("world_size", "batch_size"), [(2, 8), (3, 5), (2, 7)])
 def test_ranks_see_the_same_number_of_batches(
-    instruct_shards: tuple[Path, list[str]], tiny_model: tuple
+    instruct_shards: tuple[Path, list[str]], tiny_model: tuple, world_size: int, batch_size: int
 ) -> None:
     shard_dir, _ = instruct_shards
-    seen = [len(list(loader)) for loader in _rank_loaders(shard_dir, tiny_model, 2)]
-    assert seen[0] == seen[1], seen
+    loaders = _rank_loaders(shard_dir, tiny_model, world_size, batch_size)
+    seen = [[len(b["ids"]) for b in loader] for loader in loaders]
+    assert len({len(sizes) for sizes in seen}) == 1, seen
+    assert all(min(sizes) > 0 for sizes in seen), seen  # no rank pads with an empty batch
+    assert sum(map(sum, seen)) == 48
 
 
 # --------------------------------------------------------------------------- bad samples
@@ -434,16 +441,17 @@ def test_skips_at_the_end_of_a_shard_are_reported(
 
     for shuffle in (False, True):
         stream = ShardStream(
-            [str(tmp_path / "tail" / "shard-000000.tar")],
+            Mixture([Source("tail", tmp_path / "tail")], seed=0),
             process,
+            batch_size=3,
             seed=0,
             shuffle=shuffle,
             shuffle_buffer=4,
         )
-        samples = list(stream)
+        samples = _flat(stream)
         good_ids = [s["id"] for s in samples if not s.get("empty")]
         assert sorted(good_ids) == sorted(r["id"] for r in tail[:2])
-        total = sum((Counter(s["skipped"]) for s in samples), Counter())
+        total = sum((Counter(s.get("skipped", {})) for s in samples), Counter())
         assert total == {"missing_image": 1, "corrupt_image": 1}
 
     dm = _datamodule(tmp_path / "only_bad", tiny_model)
@@ -454,6 +462,12 @@ def test_skips_at_the_end_of_a_shard_are_reported(
         "empty_conversation": 1,
     }
     assert all(b["input_ids"].shape[0] == 0 for b in batches)
+    assert len(batches) == dm.batches_per_epoch(1) == 1  # the planned batch, empty, still comes
+
+
+def _flat(stream: ShardStream) -> list[dict[str, Any]]:
+    """Every sample (and skip marker) the stream yields, batches concatenated."""
+    return [sample for batch in stream for sample in batch]
 
 
 def test_hand_made_tar_with_garbage_image_is_skipped(
@@ -477,9 +491,14 @@ def test_hand_made_tar_with_garbage_image_is_skipped(
                 tar.addfile(info, io.BytesIO(data))
     model, tokenizer = tiny_model
     process = SampleProcessor(_text_encoder(model, tokenizer), model.encoder.image_transform)
-    samples = list(ShardStream([str(shard)], process, seed=0, shuffle=False, shuffle_buffer=1))
+    # no manifest: the sample counts come from scanning the tar
+    stream = ShardStream(
+        Mixture([Source("hand", tmp_path)], seed=0), process, 4, shuffle=False, shuffle_buffer=1
+    )
+    (batch,) = list(stream)
+    samples = [s for s in batch if not s.get("empty")]
     assert [s["id"] for s in samples] == [good["id"]]
-    assert samples[0]["skipped"] == {"corrupt_image": 1}
+    assert batch[-1]["skipped"] == {"corrupt_image": 1}
     assert samples[0]["pixel_values"].shape == (3, 64, 64)
 
 
@@ -495,11 +514,11 @@ def test_plain_template_skips_multi_turn_samples(
         _text_encoder(model, tokenizer, template="plain"), model.encoder.image_transform
     )
     stream = ShardStream(
-        [str(tmp_path / "shard-000000.tar")], process, seed=0, shuffle=False, shuffle_buffer=1
+        Mixture([Source("align", tmp_path)], seed=0), process, 8, shuffle=False, shuffle_buffer=1
     )
-    samples = list(stream)  # a stage-1 run on multi-turn data must skip, never crash
+    samples = _flat(stream)  # a stage-1 run on multi-turn data must skip, never crash
     assert [s["id"] for s in samples if not s.get("empty")] == [r["id"] for r in good]
-    assert sum(sum(s["skipped"].values()) for s in samples) == 1
+    assert sum(sum(s.get("skipped", {}).values()) for s in samples) == 1
 
 
 # --------------------------------------------------------------------------- collate

@@ -168,6 +168,21 @@ def test_plan_reads_the_trainer_config() -> None:
     assert flags["total_gb"] > 10 * memory["total_gb"] / 8
 
 
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("deepspeed_zero2", "deepspeed_zero2"),
+        ("deepspeed_zero3", "deepspeed_zero3"),
+        ("deepspeed_zero3_offload", "deepspeed_zero3"),
+        ("fsdp", "fsdp"),
+        ("ddp", "ddp"),
+    ],
+)
+def test_plan_reads_the_engine_presets(preset: str, expected: str) -> None:
+    memory = plan(compose([*LLAVA15_7B, "stage=2", f"trainer={preset}"]))["memory"]
+    assert memory["strategy"] == expected
+
+
 def test_strategy_names() -> None:
     assert normalize_strategy("auto") == "ddp"
     assert normalize_strategy("ddp_spawn") == "ddp"

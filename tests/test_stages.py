@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from vlmlab import checkpoints, stages
 from vlmlab.data.datamodule import VLMDataModule
 from vlmlab.data.prepare import ensure_shapes, resolve_dataset
-from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.models import build_vlm
@@ -44,12 +43,8 @@ def _under(name: str, globs: list[str]) -> bool:
 def _real_batch(cfg: DictConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
     """One collated batch of the stage's own dataset, template and image transform."""
     ensure_shapes(cfg.data)
-    encoder = TextEncoder(
-        tokenizer,
-        get_template(cfg.stage.template, tokenizer.eos_token),
-        model.num_image_tokens,
-        model.image_token_id,
-        int(cfg.data.max_length),
+    encoder = TextEncoder.for_model(
+        model, tokenizer, str(cfg.stage.template), int(cfg.data.max_length)
     )
     dm = VLMDataModule(
         resolve_dataset(cfg.data, str(cfg.stage.dataset))["shard_dir"],

@@ -399,7 +399,9 @@ def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image:
     # separators: the unexpanded ids decode to exactly the official text
     text = _text(template, _turns(pairs))
     raw = tok(text, add_special_tokens=template.adds_bos)["input_ids"]
-    assert [t for t in ids if t != image_id] == [t for t in raw if t != image_id]
+    if not (has_image and template.image_pieces):  # LLaVA's piece-wise image tokenisation is
+        # compared with LLaVA's own code in tests/test_official_masking.py
+        assert [t for t in ids if t != image_id] == [t for t in raw if t != image_id]
     assert tok.decode(raw) == _decoded(name, text)
 
 

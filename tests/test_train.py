@@ -45,7 +45,7 @@ def test_stage1_fit_logs_to_mlflow(compose_cfg, tmp_path: Path) -> None:
     assert "train/loss" in run.data.metrics
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "parameters.txt", "overrides.txt"} <= artifacts
+    assert {"config.yaml", "trainable_parameters.txt", "overrides.txt"} <= artifacts
 
 
 def _connector_params(cfg):

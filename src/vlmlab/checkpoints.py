@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,35 @@ def component_fingerprint(component_cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_trainable(model: nn.Module, out_dir: Path, meta: dict[str, Any]) -> Path:
-    """Write trainable weights + meta atomically: a crash never leaves a half-written checkpoint."""
-    tensors = {
-        name: p.detach().cpu().contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What a stage checkpoint holds: the parameters the stage trains, nothing else."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def gather_trainable(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable weights. FSDP-sharded (DTensor) weights are gathered one
+    at a time, so every rank must call this; ranks with `keep=False` return nothing."""
+    out: dict[str, torch.Tensor] = {}
+    for name, param in trainable_parameters(model).items():
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):  # DTensor: collective
+            tensor = tensor.full_tensor()
+        if keep:
+            out[name] = tensor.cpu().contiguous()
+    return out
+
+
+def save_trainable(
+    model: nn.Module,
+    out_dir: Path,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write trainable weights + meta atomically: a crash never leaves a half-written checkpoint.
+
+    `tensors` (from gather_trainable) replaces reading the model, for sharded models."""
+    if tensors is None:
+        tensors = gather_trainable(model)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / WEIGHTS))
@@ -166,3 +189,117 @@ def find_latest(ckpt_root: Path, stage: str, fingerprints: dict[str, str]) -> Pa
         if best is None or when > best[0]:
             best = (when, meta_path.parent)
     return best[1] if best else None
+
+
+# ---- resumable (Lightning) checkpoints ---------------------------------------------------------
+
+TMP_SUFFIX = ".tmp"
+PREV_SUFFIX = ".prev"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = True) -> None:
+    """torch.save into `<path>.tmp` beside the target, fsync, then os.replace.
+
+    Why: Lightning 2.6 serialises into memory (2x host RAM), writes the system temp dir and
+    moves the file, which is a plain copy when the checkpoint folder is another filesystem (a
+    cluster's shared disk): killed mid-copy, `last.ckpt` is truncated. A rename inside one folder
+    is atomic, and fsync makes the renamed file survive a node crash. With `keep_previous` the
+    replaced checkpoint stays as `<path>.prev` (a hard link: no copy), a fallback for resume.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if keep_previous and path.is_file():
+        prev = path.with_name(path.name + PREV_SUFFIX)
+        staged = path.with_name(path.name + PREV_SUFFIX + TMP_SUFFIX)
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(path, staged)
+            os.replace(staged, prev)
+        except OSError:  # no hard links here: keep no fallback rather than copy gigabytes
+            staged.unlink(missing_ok=True)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def is_loadable(path: Path) -> bool:
+    """A complete checkpoint: the zip archive torch.save writes opens and its records unpickle.
+
+    Tensor data is memory-mapped, not read, so checking a large checkpoint is cheap. A sharded
+    (FSDP) checkpoint folder needs its metadata file from the end of the save.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return (path / ".metadata").is_file() and is_loadable(path / "meta.pt")
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # any failure to read = not a usable checkpoint
+        log.warning("checkpoint %s is not loadable: %s", path, err)
+        return False
+    return True
+
+
+def newest_loadable(resume_dir: Path) -> Path | None:
+    """The most recent checkpoint in `resume_dir` that loads (last.ckpt, its .prev, others)."""
+    resume_dir = Path(resume_dir)
+    if not resume_dir.is_dir():
+        return None
+    candidates = [
+        p
+        for p in resume_dir.iterdir()
+        if p.name.endswith((".ckpt", ".ckpt" + PREV_SUFFIX)) and not p.name.endswith(TMP_SUFFIX)
+    ]
+    candidates.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in candidates:
+        if is_loadable(path):
+            return path
+        log.warning("skipping unloadable checkpoint %s", path)
+    return None
+
+
+def _checkpoint_io_class() -> type:
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning CheckpointIO whose writes are atomic (see atomic_torch_save)."""
+
+        def __init__(self, keep_previous: bool = True) -> None:
+            super().__init__()
+            self.keep_previous = keep_previous
+
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+        ) -> None:
+            if storage_options is not None:
+                raise TypeError("AtomicCheckpointIO takes no storage_options")
+            atomic_torch_save(checkpoint, Path(path), keep_previous=self.keep_previous)
+
+        def remove_checkpoint(self, path: Any) -> None:
+            super().remove_checkpoint(path)
+            Path(str(path) + PREV_SUFFIX).unlink(missing_ok=True)
+
+    return AtomicCheckpointIO
+
+
+def atomic_checkpoint_io(keep_previous: bool = True) -> Any:
+    """The Lightning plugin: `L.Trainer(plugins=[atomic_checkpoint_io()])`."""
+    return _checkpoint_io_class()(keep_previous=keep_previous)

@@ -13,18 +13,25 @@ log = logging.getLogger("vlmlab")
 
 VERBS = {
     "train": "train one stage: vlmlab train [hydra overrides], same as `python train.py ...`",
+    "eval": "score benchmarks: vlmlab eval CKPT --bench FILE.jsonl --out DIR (--make-synthetic DIR)",
+    "chat": "talk about an image: vlmlab chat CKPT IMAGE [--prompt TEXT]",
     "demo": "run the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy",
     "merge": "fold a checkpoint chain (LoRA adapters included) into one model: vlmlab merge CKPT --out DIR",
     "plan": "parameters, trainable parameters and memory per GPU of a composition, no download",
     "export": "write a transformers LlavaForConditionalGeneration folder: vlmlab export --out DIR ...",
+    "report": "table (mean ± std over seeds) and plot of an MLflow experiment: vlmlab report --experiment NAME",
+    "shards": "LLaVA JSON + images -> validated WebDataset shards + manifest: vlmlab shards JSON --image-root DIR --out DIR",
 }
 
 
 def _hydra_task(cfg: Any) -> float | None:
+    from vlmlab.tracking.sweep import export_job_for_ranks, isolated_job
     from vlmlab.train import train
 
+    export_job_for_ranks()  # DDP ranks > 0 of a sweep job re-run this job only, not the sweep
     try:
-        result = train(cfg)
+        with isolated_job():  # the next sweep job in this process starts its own DDP ranks
+            result = train(cfg)
     except ConfigError as err:
         log.error("configuration error: %s", err)
         raise SystemExit(2) from None
@@ -36,8 +43,9 @@ def train_main() -> None:
     import hydra
 
     from vlmlab.config import conf_dir, quote_numeric_choices
+    from vlmlab.tracking.sweep import argv_for_rank
 
-    sys.argv = [sys.argv[0], *quote_numeric_choices(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *argv_for_rank(quote_numeric_choices(sys.argv[1:]))]
     hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_hydra_task)()
 
 
@@ -207,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
 
 # Verbs that live in their own module: "verb": "module:function" taking argv, returning an exit code.
 # Adding a verb = one entry here + one line in VERBS; the module is imported only when the verb runs.
-EXTERNAL_VERBS: dict[str, str] = {}
+EXTERNAL_VERBS: dict[str, str] = {
+    "report": "vlmlab.tracking.report:main",
+    "eval": "vlmlab.eval.runner:main",
+    "chat": "vlmlab.eval.chat:main",
+    "shards": "vlmlab.data.convert:main",
+}
 
 
 def _handler(verb: str) -> Any:

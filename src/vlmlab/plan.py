@@ -94,6 +94,15 @@ def normalize_strategy(value: Any) -> str:
     )
 
 
+def _config_strategy(trainer: DictConfig) -> Any:
+    """The composed trainer's strategy; a DeepSpeed preset says its ZeRO stage in `deepspeed.stage`."""
+    strategy = trainer.get("strategy", "auto")
+    stage = (trainer.get("deepspeed") or {}).get("stage")
+    if str(strategy).lower().startswith("deepspeed") and stage is not None:
+        return f"deepspeed_zero{int(stage)}"
+    return strategy
+
+
 def normalize_precision(value: Any) -> str:
     """Lightning precision (32, '32-true', 'bf16-mixed', '16-true', ...) -> a key of BYTES."""
     name = str(value).lower()
@@ -317,7 +326,7 @@ def plan(
         }
     memory = estimate_memory(
         model,
-        strategy=strategy or cfg.trainer.get("strategy", "auto"),
+        strategy=strategy or _config_strategy(cfg.trainer),
         world_size=gpus if gpus is not None else _world_size(cfg.trainer),
         precision=precision or str(cfg.trainer.get("precision", "32-true")),
         micro_batch=micro_batch or int(cfg.data.get("batch_size", 1)),

@@ -9,26 +9,41 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from vlmlab import checkpoints, stages
 from vlmlab.config import apply_stage_overrides
 from vlmlab.data.datamodule import StreamPosition, VLMDataModule
 from vlmlab.data.prepare import resolve_dataset
-from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
-from vlmlab.eval.heldout import HeldoutEval
+from vlmlab.eval.callback import build_eval_callback
 from vlmlab.logs import setup_logging
 from vlmlab.models import as_dict, build_vlm
 from vlmlab.stages.policy import format_table
-from vlmlab.tracking.mlflow import flatten, git_commit, tracking_uri
+from vlmlab.tracking import callbacks as tracking_callbacks
+from vlmlab.tracking.mlflow import (
+    flatten,
+    git_commit,
+    manifest_checksum,
+    run_link,
+    run_name,
+    tracking_uri,
+)
+from vlmlab.tracking.outcome import ExceptionRecorder, track_outcome
+from vlmlab.tracking.sweep import parent_run_id, swept_keys
+from vlmlab.training import strategy as strategies
+from vlmlab.training.audit import SampleRecorder
+from vlmlab.training.emulate import EmulatedRanks
 from vlmlab.training.module import VLMModule
+from vlmlab.training.resumable import EpochEndCheckpoint, StepCheckpoint
+from vlmlab.training.throughput import FlopsModel, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +55,8 @@ _NOT_IDENTITY = (
     "trainer.max_steps",
     "trainer.enable_progress_bar",
     "logger.run_name",
+    "debug",
+    "trainer.peak_tflops",
 )
 
 
@@ -111,16 +128,19 @@ def resolve_resume(cfg: DictConfig, resume_dir: Path) -> tuple[Path | None, dict
     if value in (None, "", "null"):
         return None, {}
     if value == "auto":
-        last = resume_dir / "last.ckpt"
-        if not last.is_file() or (resume_dir / "FINISHED").is_file():
+        # the newest checkpoint that loads: a save killed midway never wins (checkpoints.py)
+        last = checkpoints.newest_loadable(resume_dir)
+        if last is None or (resume_dir / "FINISHED").is_file():
             log.info("resume=auto: no unfinished run of this config; starting fresh")
             return None, {}
         path = last
     else:
         path = Path(value)
-        if not path.is_file():
+        if not checkpoints.is_loadable(path):  # a .ckpt file, or an FSDP sharded .ckpt folder
             raise ConfigError(
-                "resume", f"{path} is not a checkpoint file.", "use auto or a path to a .ckpt."
+                "resume",
+                f"{path} is not a loadable checkpoint.",
+                "use auto or a path to a .ckpt.",
             )
     state_file = path.parent / "run.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -172,7 +192,11 @@ def resolve_init(
 
 
 def build_logger(
-    cfg: DictConfig, root: Path, choices: dict[str, str], run_id: str | None = None
+    cfg: DictConfig,
+    root: Path,
+    choices: dict[str, str],
+    run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> Any:
     if cfg.logger.kind == "none":
         return None
@@ -186,12 +210,16 @@ def build_logger(
     )
     tags["stage"] = str(cfg.stage.name)
     tags.update(git_commit())
-    run_name = cfg.logger.get("run_name") or "-".join(
-        [f"stage{choices.get('stage', cfg.stage.name)}", *(choices.get(c, c) for c in COMPONENTS)]
+    tags.update(extra_tags or {})
+    parent = parent_run_id()
+    if parent and run_id is None:  # a sweep job: child of the sweep's parent run
+        tags["mlflow.parentRunId"] = parent
+    name = cfg.logger.get("run_name") or run_name(
+        str(choices.get("stage", cfg.stage.name)), choices, task_overrides(), swept_keys()
     )
     return MLFlowLogger(
         experiment_name=str(cfg.logger.experiment_name),
-        run_name=run_name,
+        run_name=name,
         tracking_uri=tracking_uri(cfg.logger.get("tracking_uri"), root),
         tags=tags,
         artifact_location=str((root / "mlartifacts").resolve().as_uri()),
@@ -199,8 +227,28 @@ def build_logger(
     )
 
 
+@dataclass
+class _Tracked:
+    """What `train` needs to end the MLflow run when `_train` raises."""
+
+    logger: Any = None
+    recorder: ExceptionRecorder = field(default_factory=ExceptionRecorder)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one stage; returns the checkpoint folder and the final metrics."""
+    """Train one stage; returns the checkpoint folder and the final metrics.
+
+    A run that raises ends FAILED (KILLED on Ctrl-C) with its error, see tracking.outcome.
+    """
+    tracked = _Tracked()
+    try:
+        return _train(cfg, tracked)
+    except BaseException:
+        with track_outcome(tracked.logger, tracked.recorder):
+            raise
+
+
+def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     started = time.time()
     setup_logging()
     cfg = apply_stage_overrides(cfg)
@@ -249,9 +297,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     table = format_table(plan.table)
     log.info("stage %s parameters:\n%s", cfg.stage.name, table)
 
-    template = get_template(cfg.stage.template, tokenizer.eos_token)
-    text_encoder = TextEncoder(
-        tokenizer, template, model.num_image_tokens, model.image_token_id, int(cfg.data.max_length)
+    text_encoder = TextEncoder.for_model(
+        model, tokenizer, str(cfg.stage.template), int(cfg.data.max_length)
     )
     dataset = resolve_dataset(cfg.data, str(cfg.stage.dataset))
     datamodule = VLMDataModule(
@@ -263,13 +310,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         shuffle_buffer=int(cfg.data.shuffle_buffer),
         seed=int(cfg.seed),
         prepare=dataset["prepare"],
+        sources=dataset.get("sources"),
+        mixture_size=cfg.data.get("mixture_size"),
+        group_by_length=bool(cfg.data.get("group_by_length", False)),
+        group_megabatch=int(cfg.data.get("group_megabatch", 16)),
     )
     datamodule.prepare_data()  # before the schedule is sized from the manifest
+    emulate = strategies.emulated_ranks(cfg)
+    if emulate > 1:  # the one-process reference of an N-rank run (training/emulate.py)
+        datamodule = EmulatedRanks(datamodule, emulate)
 
     accumulate = accumulation(cfg)
     epochs = int(cfg.stage.epochs)
     total_steps = max(1, epochs * datamodule.batches_per_epoch(world_size(cfg)) // accumulate)
-    logger = build_logger(cfg, root, choices, run_id=resume_state.get("mlflow_run_id"))
+    logger = build_logger(
+        cfg,
+        root,
+        choices,
+        run_id=resume_state.get("mlflow_run_id"),
+        extra_tags={
+            "data.manifest_sha256": manifest_checksum(Path(dataset["shard_dir"]))
+            if dataset["shard_dir"] is not None
+            else datamodule.mixture().checksum()  # a mixture: its manifests and weights
+        },
+    )
+    tracked.logger = logger
     run_id = getattr(logger, "run_id", None)
     module = VLMModule(
         model,
@@ -277,32 +342,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         total_steps,
         groups=plan.groups,
         extra_state={"init": str(init) if init else None, "mlflow_run_id": run_id},
+        parallelize=strategies.fsdp_parallelizer(cfg),
+        global_token_loss=strategies.uses_global_token_loss(cfg),
     )
 
     callbacks: list[L.Callback] = [
         StreamPosition(),
-        ModelCheckpoint(
-            dirpath=resume_dir,
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=int(cfg.checkpoint.every_n_steps),
-            enable_version_counter=False,
-        ),
+        StepCheckpoint(str(resume_dir), int(cfg.checkpoint.every_n_steps)),
+        EpochEndCheckpoint(str(resume_dir)),  # a resume never replays a finished epoch
+        Throughput(FlopsModel.of(model), strategies.peak_flops(cfg.trainer)),
     ]
-    heldout_cb = None
-    if cfg.stage.get("evaluate") and dataset.get("heldout") is not None:
-        heldout_cb = HeldoutEval(
-            text_encoder,
-            model.encoder.image_transform,
-            dataset["heldout"],
-            dataset["image_root"],
-            **as_dict(cfg.data.heldout),
+    record = (cfg.get("debug") or {}).get("record_samples")
+    if record:
+        callbacks.append(SampleRecorder(record))
+    sharded = strategies.fsdp_parallelizer(cfg) is not None
+    eval_cb = build_eval_callback(cfg, dataset, text_encoder, root / "eval" / run_key(cfg))
+    if sharded and eval_cb is not None:
+        # generation runs on rank 0 only; with sharded weights the other ranks would not join
+        log.warning(
+            "eval.benchmarks are skipped under trainer=fsdp (sharded weights): run "
+            "`vlmlab eval <checkpoint> --bench ...` on the saved checkpoint instead"
         )
-        callbacks.append(heldout_cb)
+        eval_cb = None
+    if eval_cb is not None:  # eval.benchmarks at the end of the stage; eval/accuracy aliased
+        callbacks.append(eval_cb)
     if logger is not None:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(tracking_callbacks.GradNorm())
+        samples = 0 if sharded else int(cfg.logger.get("samples", 0) or 0)
+        if samples and dataset.get("heldout") is not None and dataset.get("image_root"):
+            callbacks.append(
+                tracking_callbacks.SampleGenerations(
+                    text_encoder,
+                    model.encoder.image_transform,
+                    dataset["heldout"],
+                    dataset["image_root"],
+                    num_samples=samples,
+                )
+            )
+    callbacks.append(tracking_callbacks.RankAgreement(run_key(cfg)))
+    callbacks.append(tracked.recorder)
+    trainer_args = strategies.trainer_kwargs(cfg)
+    keep_previous = bool(cfg.checkpoint.get("keep_previous", True))
+    trainer_args["plugins"] = [checkpoints.atomic_checkpoint_io(keep_previous)]
+    callbacks.extend(_extra_callbacks(trainer_args.pop("extra_callbacks", None) or []))
     trainer = L.Trainer(
-        **as_dict(cfg.trainer),
+        **trainer_args,
         max_epochs=epochs,
         accumulate_grad_batches=accumulate,
         logger=logger if logger is not None else False,
@@ -321,13 +406,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if heldout_cb is not None and heldout_cb.result is not None:
-        metrics["eval/accuracy"] = heldout_cb.result["accuracy"]
+    if eval_cb is not None:
+        metrics.update(eval_cb.metrics)
     # Stopped early (max_steps, Ctrl-C) = resumable, not complete: never picked by init_from=auto.
     hit_max_steps = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
     complete = trainer.current_epoch >= epochs and not trainer.interrupted and not hit_max_steps
     result: dict[str, Any] = {"metrics": metrics, "checkpoint": None, "complete": complete}
     result["seconds"] = time.time() - started
+    # every rank takes part: FSDP-sharded weights are gathered one tensor at a time
+    final_weights = checkpoints.gather_trainable(model, keep=trainer.is_global_zero)
     if trainer.is_global_zero:
         meta = {
             "complete": complete,
@@ -345,7 +432,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{stamp}-stage{cfg.stage.name}-{'-'.join(choices.get(c, c) for c in COMPONENTS)}-{time.time_ns() % 10**6:06d}"
-        result["checkpoint"] = str(checkpoints.save_trainable(model, ckpt_root / name, meta))
+        result["checkpoint"] = str(
+            checkpoints.save_trainable(model, ckpt_root / name, meta, final_weights)
+        )
         if complete:
             (resume_dir / "FINISHED").write_text(result["checkpoint"] + "\n")
         if logger is not None:
@@ -363,7 +452,7 @@ def _log_run_start(
     client, run_id = logger.experiment, logger.run_id
     client.log_text(run_id, OmegaConf.to_yaml(clean, resolve=True), "config.yaml")
     client.log_text(run_id, "\n".join(task_overrides()) + "\n", "overrides.txt")
-    client.log_text(run_id, table + "\n", "parameters.txt")
+    client.log_text(run_id, table + "\n", "trainable_parameters.txt")
     for row in plan.table:
         client.log_param(run_id, f"params.{row['component']}.trainable", row["trainable"])
     client.log_param(run_id, "trainer.world_size", world_size(cfg))
@@ -373,5 +462,41 @@ def _log_run_start(
     if init is not None:
         client.set_tag(run_id, "init_from", str(init))
         parent_run = checkpoints.read_meta(init).get("mlflow_run_id")
-        if parent_run:
-            client.set_tag(run_id, "parent_stage_run", parent_run)
+        if parent_run:  # lineage: `stage.init_from=<this tag's value>` reproduces the start
+            client.set_tag(run_id, "vlmlab.parent_stage_run", parent_run)
+            client.set_tag(run_id, "parent_stage_run", parent_run)  # older name, kept for readers
+            client.set_tag(
+                run_id,
+                "mlflow.note.content",
+                f"Stage {cfg.stage.name} started from run {run_link(client, parent_run)} "
+                f"(checkpoint `{init}`).",
+            )
+
+
+def _extra_callbacks(specs: list[Any]) -> list[L.Callback]:
+    """`trainer.extra_callbacks`: Lightning callbacks given as `{_target_: ..., **kwargs}`."""
+    from hydra.utils import instantiate
+
+    built = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "_target_" not in spec:
+            raise ConfigError(
+                f"trainer.extra_callbacks[{i}]",
+                f"got {spec!r}.",
+                "give a mapping with `_target_: package.module.CallbackClass` and its arguments.",
+            )
+        try:
+            callback = instantiate(spec)
+        except Exception as err:
+            raise ConfigError(
+                f"trainer.extra_callbacks[{i}]",
+                f"could not build {spec['_target_']}: {err}",
+                "check the import path and the arguments.",
+            ) from err
+        if not isinstance(callback, L.Callback):
+            raise ConfigError(
+                f"trainer.extra_callbacks[{i}]",
+                f"{spec['_target_']} is not a lightning.Callback.",
+            )
+        built.append(callback)
+    return built

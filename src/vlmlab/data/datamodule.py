@@ -1,8 +1,12 @@
-"""Streaming DataModule over WebDataset shards.
+"""Streaming DataModule over WebDataset shards: exactly once per epoch, equal batches per rank.
 
-Shards are assigned to (rank, worker) slots explicitly from the trainer's rank and world size,
-shuffled by (seed, epoch). Bad samples are skipped and counted by reason; the counts travel
-with the batches, so they survive DataLoader worker processes and reach the logger.
+The epoch plan (`split.py`) assigns samples, not whole shards, to (rank, worker) slots from the
+shard sample counts, so every sample is read once per epoch and every rank yields the same number
+of batches (otherwise DDP hangs at the end of the epoch). Shards are ordered by (seed, epoch),
+samples shuffled in a buffer, and batches formed inside the workers (optionally grouped by
+modality and length, `grouping.py`). A batch that lost samples to bad input is smaller; one that
+lost all of them is still yielded (empty) so the batch count stays fixed. Skip counts travel with
+the batches, so they survive DataLoader worker processes and reach the logger.
 """
 
 from __future__ import annotations
@@ -10,10 +14,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,104 +26,139 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlmlab.data.grouping import form_batches, padding_counts
+from vlmlab.data.mixture import Mixture, Source
 from vlmlab.data.shards import read_manifest
+from vlmlab.data.split import Piece, WorkerPlan, batches_per_rank, plan_worker
 from vlmlab.data.tokenize import BadSample, TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.models.vlm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm")  # ppm: `vlmlab shards --presize`
+SHARD_SHORT = "shard_short"  # the manifest promised more samples than the shard holds
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
 
 class ShardStream(IterableDataset):
-    """Streams processed samples from the shards assigned to this rank and worker."""
+    """Yields this rank's batches (lists of processed samples) for this DataLoader worker.
+
+    Use it with `DataLoader(batch_size=None)`: batching happens here, from the epoch plan.
+    """
 
     def __init__(
         self,
-        shard_paths: list[str],
+        mixture: Mixture,
         process: Callable[[dict[str, Any]], dict[str, Any]],
-        seed: int,
-        shuffle: bool,
-        shuffle_buffer: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
         rank: int = 0,
         world_size: int = 1,
+        group_by_length: bool = False,
+        group_megabatch: int = 16,
     ) -> None:
-        self.shard_paths = shard_paths
+        if batch_size < 1 or group_megabatch < 1:
+            raise ValueError("batch_size and group_megabatch must be >= 1")
+        self.mixture = mixture
         self.process = process
+        self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer
         self.rank = rank
         self.world_size = world_size
+        self.group_by_length = group_by_length
+        self.group_megabatch = group_megabatch
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already trained (resume mid-epoch)
-        self.batch_size = 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _samples_to_skip(self) -> int:
-        """Samples this worker already delivered in the first `skip_batches` batches.
+    def num_batches(self) -> int:
+        """Batches every rank yields this epoch (the same on all ranks)."""
+        return batches_per_rank(self.mixture.num_samples(), self.world_size, self.batch_size)
 
-        The DataLoader takes batches from its workers in strict round robin, so worker w
-        produced batches w, w+W, ... of the epoch.
-        """
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = len(range(worker, self.skip_batches, num_workers))
-        return mine * self.batch_size
+    def worker_plan(self, worker: int | None = None, num_workers: int | None = None) -> WorkerPlan:
+        if worker is None or num_workers is None:
+            worker, num_workers = _worker()
+        pieces = self.mixture.pieces(self.epoch, shuffle=self.shuffle)
+        return plan_worker(pieces, self.rank, self.world_size, worker, num_workers, self.batch_size)
 
-    def my_shards(self) -> list[str]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        order = list(self.shard_paths)
-        if self.shuffle:
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        slot, slots = self.rank * num_workers + worker, self.world_size * num_workers
-        return order[slot::slots]
-
-    def raw_samples(self) -> Iterator[dict[str, Any]]:
+    def raw_samples(self, pieces: list[Piece], short: Counter[str]) -> Iterator[dict[str, Any]]:
+        """Raw tar samples at the planned positions; positions past a shard's end are counted."""
         import webdataset as wds
 
-        shards = self.my_shards()
-        if not shards:
-            return
-        yield from wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples())
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}")
-        buffer: list[dict[str, Any]] = []
-        skipped: Counter[str] = Counter()
-        to_skip = self._samples_to_skip()
-        for sample in self._shuffled(rng, buffer, skipped):
-            if to_skip > 0 and not sample.get("empty"):
-                to_skip -= 1
-                continue
-            yield sample
+        for piece in pieces:
+            wanted = Counter(piece.positions)
+            last = piece.positions[-1]
+            found = 0
+            pipeline = wds.DataPipeline(wds.SimpleShardList([piece.url]), wds.tarfile_to_samples())
+            for position, raw in enumerate(pipeline):
+                for _ in range(wanted.get(position, 0)):
+                    found += 1
+                    yield raw
+                if position >= last:
+                    break
+            if found < len(piece.positions):
+                short[SHARD_SHORT] += len(piece.positions) - found
+                log.warning("%s holds fewer samples than its manifest says", piece.url)
 
     def _shuffled(
-        self, rng: random.Random, buffer: list[dict[str, Any]], skipped: Counter[str]
+        self, raws: Iterator[dict[str, Any]], rng: random.Random
     ) -> Iterator[dict[str, Any]]:
-        for raw in self.raw_samples():
-            try:
-                sample = self.process(raw)
-            except BadSample as bad:
-                skipped[bad.reason] += 1
-                log.debug("skipping sample %s: %s", raw.get("__key__"), bad)
-                continue
-            sample["skipped"], skipped = dict(skipped), Counter()
-            if not self.shuffle:
-                yield sample
-                continue
-            buffer.append(sample)
+        if not self.shuffle:
+            yield from raws
+            return
+        buffer: list[dict[str, Any]] = []
+        for raw in raws:
+            buffer.append(raw)
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
         yield from buffer
-        if skipped:  # skips after the last good sample still get reported
-            yield {"skipped": dict(skipped), "empty": True}
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        actual, num_workers = _worker()
+        # The DataLoader takes batches from workers 0, 1, ... in turn. Resuming after k batches,
+        # batch k must come first, so worker w plays the part worker (w + k) % W had in the
+        # uninterrupted epoch (same plan, same random streams).
+        worker = (actual + self.skip_batches) % num_workers
+        plan = self.worker_plan(worker, num_workers)
+        tag = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        short: Counter[str] = Counter()
+        raws = self._shuffled(self.raw_samples(plan.pieces, short), random.Random(tag))
+        skip = len(range(worker, self.skip_batches, num_workers))  # mine among those trained
+        per = self.group_megabatch if self.group_by_length else 1
+        sizes = plan.batch_sizes
+        for first in range(0, len(sizes), per):
+            planned = sizes[first : first + per]
+            chunk = list(islice(raws, sum(planned)))
+            if first + len(planned) <= skip:
+                continue  # trained before the interruption: read (keeps the order), don't decode
+            skipped: Counter[str] = Counter(short)
+            short.clear()
+            good = []
+            for raw in chunk:
+                try:
+                    good.append(self.process(raw))
+                except BadSample as bad:
+                    skipped[bad.reason] += 1
+                    log.debug("skipping sample %s: %s", raw.get("__key__"), bad)
+            rng = random.Random(f"{tag}-group-{first}")
+            batches = form_batches(good, planned, rng, self.group_by_length)
+            for j, batch in enumerate(batches):
+                if first + j < skip:
+                    continue
+                report = dict(skipped) if j == 0 else {}
+                yield [*batch, {"skipped": report, "empty": True}]
 
 
 class SampleProcessor:
@@ -154,7 +193,11 @@ class SampleProcessor:
 
 
 def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad ids/labels; stack images of the samples that have one, in order."""
+    """Right-pad ids/labels; stack images of the samples that have one, in order.
+
+    `num_pad_tokens` / `num_tokens` (and their ratio `padding_fraction`) measure what length
+    grouping saves; training logs them as `data/padding_fraction`.
+    """
     skipped: Counter[str] = Counter()
     for sample in samples:
         skipped.update(sample.get("skipped", {}))
@@ -170,6 +213,7 @@ def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         labels[i, :n] = sample["labels"]
         attention_mask[i, :n] = 1
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    pad_tokens, tokens = padding_counts([len(s["input_ids"]) for s in samples])
     return {
         "ids": [s["id"] for s in samples],
         "input_ids": input_ids,
@@ -177,6 +221,9 @@ def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         "attention_mask": attention_mask,
         "pixel_values": torch.stack(images) if images else None,
         "skipped": dict(skipped),
+        "num_pad_tokens": pad_tokens,
+        "num_tokens": tokens,
+        "padding_fraction": pad_tokens / tokens if tokens else 0.0,
     }
 
 
@@ -189,11 +236,14 @@ class _Collator:
 
 
 class VLMDataModule(L.LightningDataModule):
-    """Receives the encoder's image transform and a TextEncoder; never imports model code."""
+    """Receives the encoder's image transform and a TextEncoder; never imports model code.
+
+    The data is one shard folder (`shard_dir`) or a mixture of several (`sources`).
+    """
 
     def __init__(
         self,
-        shard_dir: Path,
+        shard_dir: Path | None,
         text_encoder: TextEncoder,
         image_transform: Callable[[Image.Image], torch.Tensor],
         batch_size: int,
@@ -201,15 +251,25 @@ class VLMDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         prepare: Callable[[], None] | None = None,
+        sources: list[Source] | None = None,
+        mixture_size: int | None = None,
+        group_by_length: bool = False,
+        group_megabatch: int = 16,
     ) -> None:
         super().__init__()
-        self.shard_dir = Path(shard_dir)
+        if shard_dir is None and not sources:
+            raise ValueError("give shard_dir or sources")
+        self.shard_dir = Path(shard_dir) if shard_dir is not None else None
+        self.sources = sources or [Source("data", Path(str(shard_dir)), key="stage.dataset")]
+        self.mixture_size = mixture_size
         self.text_encoder = text_encoder
         self.image_transform = image_transform
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.group_by_length = group_by_length
+        self.group_megabatch = group_megabatch
         self._prepare = prepare
         self._train: ShardStream | None = None
         self.epoch = 0
@@ -223,23 +283,20 @@ class VLMDataModule(L.LightningDataModule):
 
     @property
     def manifest(self) -> dict[str, Any]:
+        if self.shard_dir is None:
+            raise ValueError("a mixture has one manifest per source")
         return read_manifest(self.shard_dir)
+
+    def mixture(self) -> Mixture:
+        return Mixture(self.sources, self.seed, self.mixture_size)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def batches_per_epoch(self, world_size: int) -> int:
-        """Upper bound of micro-batches one rank sees per epoch (sizes the LR schedule).
-
-        Whole shards go to (rank, worker) slots, so the bound follows the fullest slot; the +1
-        covers the skip report a worker may yield after its last sample.
-        """
-        sizes = sorted((s["num_samples"] for s in self.manifest["shards"]), reverse=True)
-        workers = max(1, self.num_workers)
-        per_slot = math.ceil(len(sizes) / (world_size * workers))
-        most = sum(sizes[:per_slot])  # most samples one (rank, worker) slot can get
-        return max(1, workers * math.ceil((most + 1) / self.batch_size))
+        """Micro-batches every rank yields per epoch, exactly (sizes the LR schedule)."""
+        return batches_per_rank(self.mixture().num_samples(), world_size, self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -258,37 +315,46 @@ class VLMDataModule(L.LightningDataModule):
         self.batches_done = self._resume_batches = int(state.get("batches_done", 0))
 
     def train_dataloader(self) -> DataLoader:
-        manifest = self.manifest
+        mixture = self.mixture()
         rank, world = self._world()
-        shards = [str(self.shard_dir / s["name"]) for s in manifest["shards"]]
-        slots = world * max(1, self.num_workers)
-        if len(shards) < slots:
+        workers = max(1, self.num_workers)
+        slots, shards = world * workers, mixture.num_shards()
+        if shards < slots:
             raise ConfigError(
                 "data.num_workers",
-                f"{self.shard_dir} has {len(shards)} shards but {world} ranks x "
-                f"{max(1, self.num_workers)} workers need at least {slots}.",
-                "lower data.num_workers or write smaller shards (data.samples_per_shard).",
+                f"{where_of(self.sources)} has {shards} shards but {world} ranks (trainer.devices x "
+                f"trainer.num_nodes) x {workers} workers (data.num_workers) need at least {slots}.",
+                f"lower data.num_workers or trainer.devices, or write at least {slots} shards "
+                "(smaller data.samples_per_shard).",
             )
+        if mixture.num_samples() == 0:
+            raise ConfigError("stage.dataset", f"{where_of(self.sources)} holds no samples.")
         self._train = ShardStream(
-            shards,
+            mixture,
             SampleProcessor(self.text_encoder, self.image_transform),
+            batch_size=self.batch_size,
             seed=self.seed,
             shuffle=True,
             shuffle_buffer=self.shuffle_buffer,
             rank=rank,
             world_size=world,
+            group_by_length=self.group_by_length,
+            group_megabatch=self.group_megabatch,
         )
-        self._train.batch_size = self.batch_size
         self._train.set_epoch(self.epoch)
         if self.epoch == self._resume_epoch:
             self._train.skip_batches = self._resume_batches
         return DataLoader(
             self._train,
-            batch_size=self.batch_size,
+            batch_size=None,  # the stream forms the batches from the epoch plan
             num_workers=self.num_workers,
             collate_fn=_Collator(self.text_encoder.tokenizer.pad_token_id),
             persistent_workers=False,
         )
+
+
+def where_of(sources: list[Source]) -> str:
+    return ", ".join(str(s.shard_dir) for s in sources)
 
 
 class StreamPosition(L.Callback):

@@ -28,6 +28,9 @@ class Template(ABC):
     name: str = ""
     adds_bos: bool = True
     eot: str = ""  # the text that ends an assistant reply
+    # Tokenise the text between `<image>` tags piece by piece, as LLaVA's training code does
+    # (`tokenizer_image_token`), instead of the whole string at once as HF processors do.
+    image_pieces: bool = False
 
     @abstractmethod
     def render(self, turns: list[Turn]) -> list[Segment]:
@@ -54,6 +57,7 @@ class PlainTemplate(Template):
 
     name = "plain"
     sep = "\n"
+    image_pieces = True
 
     def render(self, turns: list[Turn]) -> list[Segment]:
         if len(turns) != 2 or turns[0].role != "human" or turns[1].role != "gpt":
@@ -74,6 +78,7 @@ class VicunaV1Template(Template):
     """LLaVA-1.5 stage 2 (`vicuna_v1`): `SYSTEM USER: q ASSISTANT: a</s>USER: ...`."""
 
     name = "vicuna_v1"
+    image_pieces = True
     system = (
         "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions."

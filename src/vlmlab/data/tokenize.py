@@ -7,8 +7,10 @@ it. In particular a sample whose labels would all be -100 is rejected, never tra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
+import numpy as np
 import torch
 
 from vlmlab.data.templates import IMAGE_PLACEHOLDER, Template, Turn
@@ -33,6 +35,19 @@ class TextEncoder:
     image_token_id: int
     max_length: int
 
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: Any, template: str, max_length: int) -> TextEncoder:
+        """The encoder a composed model trains with: its tokenizer, image token and M."""
+        from vlmlab.data.templates import get_template
+
+        return cls(
+            tokenizer,
+            get_template(template, tokenizer.eos_token),
+            model.num_image_tokens,
+            model.image_token_id,
+            int(max_length),
+        )
+
     def parse_turns(self, conversations: list[dict[str, str]]) -> list[Turn]:
         if not conversations:
             raise BadSample("empty_conversation")
@@ -42,7 +57,10 @@ class TextEncoder:
             expected = "human" if i % 2 == 0 else "gpt"
             if role != expected:
                 raise BadSample("wrong_role_order", f"turn {i} is {role!r}, expected {expected!r}")
-            turns.append(Turn(role=role, text=str(message.get("value", ""))))
+            text = message.get("value")
+            if not isinstance(text, str) or not text.strip():
+                raise BadSample("empty_turn", f"turn {i} has no text")
+            turns.append(Turn(role=role, text=text))
         if turns[-1].role != "gpt":
             raise BadSample("wrong_role_order", "last turn must be gpt")
         return turns
@@ -56,6 +74,8 @@ class TextEncoder:
             raise BadSample(
                 "image_token_count", f"{num_placeholders} <image> tags for {int(has_image)} images"
             )
+        if has_image and IMAGE_PLACEHOLDER not in turns[0].text:
+            raise BadSample("image_token_position", "<image> must be in the first human turn")
         try:
             segments = self.template.render(turns)
         except ValueError as err:  # e.g. a multi-turn sample under the single-turn `plain` template
@@ -66,11 +86,7 @@ class TextEncoder:
                 spans.append((offset, offset + len(piece)))
             text += piece
             offset += len(piece)
-        enc = self.tokenizer(
-            text, return_offsets_mapping=True, add_special_tokens=self.template.adds_bos
-        )
-        ids: list[int] = enc["input_ids"]
-        offsets: list[tuple[int, int]] = enc["offset_mapping"]
+        ids, offsets = self._tokenize(text)
         if (
             self.template.adds_bos
             and self.tokenizer.bos_token_id is not None
@@ -79,33 +95,96 @@ class TextEncoder:
             raise BadSample(
                 "no_bos", "tokenizer did not add BOS: set llm.tokenizer.add_bos_token=true"
             )
-        labels = [IGNORE_INDEX] * len(ids)
-        for i, (start, end) in enumerate(offsets):
-            if end > start and any(start < s_end and end > s_start for s_start, s_end in spans):
-                labels[i] = ids[i]
+        labels = _labels(text, ids, offsets, spans)
         # expand the single <image> token into M copies (HF Llava convention)
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        for token, label in zip(ids, labels):
-            if token == self.image_token_id:
-                out_ids += [token] * self.num_image_tokens
-                out_labels += [IGNORE_INDEX] * self.num_image_tokens
-            else:
-                out_ids.append(token)
-                out_labels.append(label)
+        out_ids, out_labels = list(ids), labels
+        for i in reversed([i for i, token in enumerate(ids) if token == self.image_token_id]):
+            out_ids[i : i + 1] = [self.image_token_id] * self.num_image_tokens
+            out_labels[i : i + 1] = [IGNORE_INDEX] * self.num_image_tokens
         if len(out_ids) > self.max_length:
             out_ids, out_labels = out_ids[: self.max_length], out_labels[: self.max_length]
             if has_image and out_ids.count(self.image_token_id) != self.num_image_tokens:
                 raise BadSample("too_long", f"truncation at {self.max_length} cuts the image")
-        if all(label == IGNORE_INDEX for label in out_labels):
+        if out_labels.count(IGNORE_INDEX) == len(out_labels):
             raise BadSample("no_targets", "every label is -100 after masking/truncation")
-        return {"input_ids": torch.tensor(out_ids), "labels": torch.tensor(out_labels)}
+        return {"input_ids": _long_tensor(out_ids), "labels": _long_tensor(out_labels)}
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of the rendered text.
+
+        LLaVA templates (`template.image_pieces`) follow LLaVA's `tokenizer_image_token`: each piece
+        between `<image>` tags is tokenised on its own (BOS only on the first), so a SentencePiece
+        tokenizer puts its dummy-prefix `▁` after the image as the official training code did;
+        tokenising the whole string would drop that `▁` and shift every later position against
+        what LLaVA checkpoints were trained on. Other templates tokenise the whole string, as the
+        HF processors of those models do.
+        """
+        if not self.template.image_pieces:
+            enc = self.tokenizer(
+                text, return_offsets_mapping=True, add_special_tokens=self.template.adds_bos
+            )
+            return list(enc["input_ids"]), list(enc["offset_mapping"])
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        start = 0
+        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                ids.append(self.image_token_id)
+                offsets.append((start, start + len(IMAGE_PLACEHOLDER)))
+                start += len(IMAGE_PLACEHOLDER)
+            if piece or (i == 0 and self.template.adds_bos):
+                enc = self.tokenizer(
+                    piece,
+                    return_offsets_mapping=True,
+                    add_special_tokens=self.template.adds_bos and i == 0,
+                )
+                ids += enc["input_ids"]
+                offsets += [(start + a, start + b) for a, b in enc["offset_mapping"]]
+            start += len(piece)
+        return ids, offsets
 
     def encode_prompt(self, turns: list[Turn]) -> torch.Tensor:
-        """Prompt ids for generation (image token expanded)."""
+        """Prompt ids for generation (image token expanded), tokenised as in training."""
         text = self.template.prompt(turns)
-        ids = self.tokenizer(text, add_special_tokens=self.template.adds_bos)["input_ids"]
+        ids, _ = self._tokenize(text)
         out: list[int] = []
         for token in ids:
             out += [token] * self.num_image_tokens if token == self.image_token_id else [token]
         return torch.tensor(out)
+
+
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """torch.tensor(list) is ~5x slower than going through numpy; this runs once per sample."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
+
+
+def _labels(
+    text: str, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """A token is a target when its characters overlap a target span.
+
+    A token whose non-space characters lie partly in a reply and partly in the prompt means this
+    tokenizer cannot separate the two: the sample is rejected (`tokenization_mismatch`) rather
+    than trained with shifted labels or, as LLaVA's own check does, silently with all -100.
+    (Whitespace a special token strips, e.g. phi3's `<|end|>` eating the next newline, is fine.)
+    """
+    is_target = [False] * len(text)
+    for s_start, s_end in spans:
+        is_target[s_start:s_end] = [True] * (s_end - s_start)
+    # prefix sums: targets, non-space characters, non-space targets before each position
+    targets = [0, *accumulate(is_target)]
+    solid = [0, *accumulate(not c.isspace() for c in text)]
+    solid_targets = [0, *accumulate(t and not c.isspace() for t, c in zip(is_target, text))]
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, (start, end) in enumerate(offsets):
+        if end <= start:
+            continue
+        inside = solid_targets[end] - solid_targets[start]
+        if 0 < inside < solid[end] - solid[start]:
+            raise BadSample(
+                "tokenization_mismatch",
+                f"token {i} ({text[start:end]!r}) covers prompt and reply text",
+            )
+        if targets[end] > targets[start]:
+            labels[i] = ids[i]
+    return labels

@@ -11,6 +11,7 @@ default torchvision backend resamples slightly differently): CLIP resizes the sh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -42,19 +43,44 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, size, size) float tensor, normalised."""
-        image = image.convert("RGB")
+        return self.normalize(self.geometry(image))
+
+    def geometry(self, image: Image.Image) -> Image.Image:
+        """The pixel-moving part (RGB, pad, resize, crop): an RGB image of size x size.
+
+        Applying the transform to its own output changes nothing here, which lets `vlmlab shards
+        --presize` store this result and the loader skip the work with identical pixel values.
+        """
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         if self.aspect == "pad":
             image = expand_to_square(image, tuple(int(m * 255) for m in self.mean))
         if self.resize == "exact" or self.aspect == "resize":
-            image = image.resize((self.size, self.size), _RESAMPLE[self.resample])
+            if image.size != (self.size, self.size):
+                image = image.resize((self.size, self.size), _RESAMPLE[self.resample])
         else:
             image = _resize_shortest_edge(image, self.size, _RESAMPLE[self.resample])
             image = _center_crop(image, self.size)
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        scaled = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-        normed = ((scaled - mean) / std).astype(np.float32)
-        return torch.from_numpy(np.ascontiguousarray(normed.transpose(2, 0, 1)))
+        return image
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """RGB uint8 -> (3, H, W) float32 via a per-channel lookup table: the same float32
+        arithmetic as `(x / 255 - mean) / std` (bit-identical), about 3x faster."""
+        table = _normalize_table(tuple(self.mean), tuple(self.std))
+        planes = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)) + _CHANNEL_OFFSETS
+        return torch.from_numpy(table[planes])
+
+
+_CHANNEL_OFFSETS = np.array([0, 256, 512], dtype=np.uint16)[:, None, None]
+
+
+@lru_cache(maxsize=16)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3 * 256,) float32: the normalised value of every uint8 level, channel by channel."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32)[:, None]
+    s = np.asarray(std, dtype=np.float32)[:, None]
+    return ((levels[None, :] - m) / s).astype(np.float32).reshape(-1)
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:

@@ -76,7 +76,7 @@ class VisionLanguageModel(nn.Module):
                 raise ValueError(
                     f"input_ids hold {num_slots} image tokens but no pixel_values were given."
                 )
-            return embeds
+            return embeds + self._vision_anchor(embeds)
         image_embeds = self.encode_images(pixel_values)  # (K, M, Dl)
         if num_slots != image_embeds.shape[0] * image_embeds.shape[1]:
             raise ValueError(
@@ -85,6 +85,23 @@ class VisionLanguageModel(nn.Module):
             )
         scattered = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return scattered
+
+    def _vision_anchor(self, embeds: torch.Tensor) -> torch.Tensor | float:
+        """0 x (one blank image through encoder and connector) on a text-only training batch.
+
+        Why: a trainable connector that a batch never uses gets no gradient on this rank while
+        other ranks have image batches; DDP (find_unused_parameters=False) then fails and FSDP's
+        reduce-scatter never matches. Running the vision branch inside the forward gives every
+        trainable vision parameter an exact zero gradient on every strategy.
+        """
+        if not (self.training and torch.is_grad_enabled()):
+            return 0.0
+        vision = [*self.connector.parameters(), *self.encoder.parameters()]
+        if not any(p.requires_grad for p in vision):
+            return 0.0
+        size = int(self.encoder.image_size)
+        blank = embeds.new_zeros((1, 3, size, size), dtype=next(self.encoder.parameters()).dtype)
+        return self.encode_images(blank).sum().to(embeds.dtype) * 0.0
 
     def forward(
         self,

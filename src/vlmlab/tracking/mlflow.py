@@ -7,6 +7,7 @@ flattened into params and the composed YAML is logged as an artifact.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -63,21 +64,77 @@ def flatten(config: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def git_commit() -> dict[str, str]:
-    """Commit and dirty flag of the working tree, when there is one."""
+def git_commit(path: Path | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the vlmlab source checkout; "unknown" without git or a checkout.
+
+    Why: a run must say which code produced it, and a pip-installed vlmlab has no checkout.
+    """
+    here = Path(path) if path is not None else Path(__file__).resolve().parent
+    unknown = {"git.commit": "unknown", "git.dirty": "unknown"}
     try:
-        here = Path(__file__).resolve().parent
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
         )
         if commit.returncode != 0:
-            return {}
+            return unknown
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return {
             "git.commit": commit.stdout.strip(),
-            "git.dirty": str(bool(dirty.stdout.strip())).lower(),
+            "git.dirty": str(bool(dirty.stdout.strip())).lower()
+            if dirty.returncode == 0
+            else "unknown",
         }
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return unknown
+
+
+def manifest_checksum(shard_dir: Path) -> str:
+    """sha256 of the shard set's manifest.json (it lists every shard's sha256): the data identity."""
+    from vlmlab.data.shards import MANIFEST
+
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        return "unknown"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# Groups that say where/how a run executes, not what it computes: left out of run names.
+_NOT_IN_NAME = ("stage", "experiment", "trainer", "logger", "paths")
+_COMPONENTS = ("encoder", "connector", "llm")
+
+
+def run_name(
+    stage: str, choices: dict[str, str], overrides: list[str], swept: tuple[str, ...] = ()
+) -> str:
+    """Readable run name: `stage1-connector=mlp-encoder=clip336-seed1`.
+
+    The groups chosen on the command line name the run (without any: the encoder/connector/llm
+    choices), then other keys a sweep varies (`swept`, by their last name part: `image_size=48`),
+    then the seed when it was set.
+    """
+    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    groups = sorted(k for k in choices if k in given and k not in _NOT_IN_NAME and "/" not in k)
+    if not groups:
+        groups = [c for c in _COMPONENTS if c in choices]
+    parts = [f"stage{stage}", *(f"{k}={choices[k]}" for k in groups)]
+    for key in swept:
+        if key in given and key not in choices and key != "seed":
+            parts.append(f"{key.split('.')[-1]}={given[key]}")
+    if "seed" in given:
+        parts.append(f"seed{given['seed']}")
+    return "-".join(parts)
+
+
+def run_link(client: Any, run_id: str) -> str:
+    """Markdown link to a run in the MLflow UI (relative, so it works on any server)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # a run of another store: still give the id
+        return f"`{run_id}`"
+    return f"[{run.info.run_name or run_id}](#/experiments/{run.info.experiment_id}/runs/{run_id})"

@@ -1,0 +1,97 @@
+"""Epoch plan: which samples each (rank, worker) reads, and how many batches every rank yields.
+
+DDP needs every rank to run the same number of steps, and exactly-once needs every sample in
+exactly one slot. Both follow from the shard sample counts alone, so every process computes the
+same plan without talking to the others: the epoch's sample stream (shards in a (seed, epoch)
+order) is cut into contiguous rank ranges whose sizes differ by at most one, every rank yields
+`batches_per_rank` batches, and a rank's batches go to its DataLoader workers round robin, each
+worker reading one contiguous part of the rank's range (so it opens few shards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples to take from one shard, by position in the shard (sorted; repeats allowed)."""
+
+    url: str
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One worker's share of a rank's epoch."""
+
+    pieces: list[Piece]
+    batch_sizes: list[int]  # planned samples per batch, in the order the worker yields them
+    batch_indices: list[int]  # their positions in the rank's epoch (worker w: w, w+W, ...)
+
+
+def bounds(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `total` items are cut into `parts` (sizes differ <= 1)."""
+    return total * index // parts, total * (index + 1) // parts
+
+
+def batches_per_rank(total: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank yields: set by the fullest rank, so no rank runs out early."""
+    most = -(-total // world_size)
+    return max(1, -(-most // batch_size))
+
+
+def batch_sizes(num_samples: int, num_batches: int, batch_size: int) -> list[int]:
+    """Full batches first, the rest in the last one; a short rank lends its last batch a sample.
+
+    A rank holds at least (num_batches - 1) x batch_size samples, so only the last batch can
+    come out empty; it takes one sample from the one before when that one can spare it.
+    """
+    sizes = [min(batch_size, max(0, num_samples - b * batch_size)) for b in range(num_batches)]
+    if sum(sizes) != num_samples:
+        raise ValueError(f"{num_samples} samples do not fit {num_batches} x {batch_size}")
+    if num_batches > 1 and sizes[-1] == 0 and sizes[-2] > 1:
+        sizes[-2] -= 1
+        sizes[-1] = 1
+    return sizes
+
+
+def slice_pieces(pieces: list[Piece], start: int, stop: int) -> list[Piece]:
+    """The pieces covering samples [start, stop) of the pieces' concatenated stream."""
+    out: list[Piece] = []
+    offset = 0
+    for piece in pieces:
+        n = len(piece.positions)
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            out.append(Piece(piece.url, piece.positions[lo - offset : hi - offset]))
+        offset += n
+        if offset >= stop:
+            break
+    return out
+
+
+def plan_worker(
+    pieces: list[Piece],
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+) -> WorkerPlan:
+    """What worker `worker` of rank `rank` reads and yields this epoch."""
+    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
+        raise ValueError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
+    total = sum(len(p.positions) for p in pieces)
+    start, stop = bounds(total, world_size, rank)
+    sizes = batch_sizes(stop - start, batches_per_rank(total, world_size, batch_size), batch_size)
+    offset = start
+    for w in range(num_workers):
+        mine = list(range(w, len(sizes), num_workers))
+        n = sum(sizes[b] for b in mine)
+        if w == worker:
+            return WorkerPlan(
+                slice_pieces(pieces, offset, offset + n), [sizes[b] for b in mine], mine
+            )
+        offset += n
+    raise AssertionError("unreachable")

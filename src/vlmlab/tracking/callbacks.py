@@ -1,0 +1,147 @@
+"""Lightning callbacks that feed the tracking layer: grad norm, sample generations, rank check."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class GradNorm(L.Callback):
+    """Log `train/grad_norm`: total L2 norm of the trainable gradients, before clipping.
+
+    Why: clipping hides exploding gradients from the loss curve; the pre-clip norm shows them.
+    Lightning calls `on_before_optimizer_step` after unscaling and before `gradient_clip_val`.
+    """
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # every rank calls this: under FSDP the gradients are DTensor shards and the norm of
+        # the whole model needs their all-reduce (`full_tensor`)
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+        pl_module.log("train/grad_norm", float(total), on_step=True, on_epoch=False)
+
+
+class SampleGenerations(L.Callback):
+    """At the end of fit, answer a few held-out questions and log them with their images.
+
+    Why: a number like accuracy says little about *what* the model says; four answers next to
+    their pictures do. Logged under `samples/` (`samples.md` + PNGs) of the MLflow run.
+    """
+
+    def __init__(
+        self,
+        text_encoder: Any,
+        image_transform: Callable,
+        heldout_file: Path,
+        image_root: Path,
+        num_samples: int = 4,
+        max_new_tokens: int = 16,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.image_transform = image_transform
+        self.heldout_file = Path(heldout_file)
+        self.image_root = Path(image_root)
+        self.num_samples = num_samples
+        self.max_new_tokens = max_new_tokens
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.num_samples < 1:
+            return
+        from PIL import Image
+
+        from vlmlab.eval.heldout import evaluate_heldout
+
+        records = json.loads(self.heldout_file.read_text())[: self.num_samples]
+        result = evaluate_heldout(
+            pl_module.model,  # type: ignore[arg-type]
+            self.text_encoder,
+            self.image_transform,
+            self.heldout_file,
+            self.image_root,
+            max_samples=self.num_samples,
+            batch_size=self.num_samples,
+            max_new_tokens=self.max_new_tokens,
+        )
+        self.rows = [
+            {"question": r["question"], "image": r["image"], **p}
+            for r, p in zip(records, result["predictions"])
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            lines = [
+                f"# Sample generations (step {trainer.global_step})",
+                "",
+                "| # | image | prompt | model answer | reference |",
+                "|---|---|---|---|---|",
+            ]
+            for i, row in enumerate(self.rows):
+                png = f"sample_{i}.png"
+                with Image.open(self.image_root / row["image"]) as image:
+                    image.convert("RGB").save(out / png)
+                lines.append(
+                    f"| {i} | ![{row['image']}]({png}) | {_cell(row['question'])} "
+                    f"| {_cell(row['prediction'])} | {_cell(row['answer'])} |"
+                )
+            (out / "samples.md").write_text("\n".join(lines) + "\n")
+            (out / "samples.json").write_text(json.dumps(self.rows, indent=1))
+            for client, run_id in mlflow_runs(trainer):
+                client.log_artifacts(run_id, str(out), "samples")
+
+
+def mlflow_runs(trainer: L.Trainer) -> list[tuple[Any, str]]:
+    """(MlflowClient, run id) of each MLflow logger of this rank (none on ranks > 0)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    found = []
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger) and logger.run_id:
+            found.append((logger.experiment, logger.run_id))
+    return found
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ") or "(empty)"
+
+
+class RankAgreement(L.Callback):
+    """Every rank must run the same job: compare a config key across ranks at fit start.
+
+    Why: Lightning re-launches ranks > 0 with the command line; under a Hydra sweep that used
+    to start the whole sweep again, so rank 1 could join rank 0 with another job's config and
+    train silently wrong. `ranks_joined` is how many ranks reported rank 0's key.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ranks_joined = 1
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size < 2 or not torch.distributed.is_initialized():
+            return
+        keys: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(keys, self.key)
+        if len(set(keys)) != 1:
+            raise RuntimeError(
+                f"ranks run different configurations (run keys by rank: {keys}); "
+                "every rank must be started with the same job overrides."
+            )
+        self.ranks_joined = len(keys)
+        if trainer.is_global_zero:
+            for client, run_id in mlflow_runs(trainer):
+                client.log_param(run_id, "distributed.ranks_joined", len(keys))

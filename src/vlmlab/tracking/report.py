@@ -1,0 +1,275 @@
+"""`vlmlab report`: an MLflow experiment -> a markdown table (mean ± std over seeds) and a plot.
+
+One row per configuration (the `--group-by` keys), one column per metric as mean ± sample
+std and the number of finished runs behind it. Runs that did not finish are listed apart,
+never averaged in. With a sweep parent (`--parent`, or the single parent all runs share) the
+files are also logged as that parent run's artifacts, so the sweep carries its own summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP_BY = ("connector", "encoder", "llm", "stage")
+DEFAULT_METRICS = ("eval/accuracy", "train/loss")
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass
+class Row:
+    """One configuration: its group-by values and each metric's values over seeds."""
+
+    key: tuple[str, ...]
+    values: dict[str, list[float]] = field(default_factory=dict)
+    run_ids: list[str] = field(default_factory=list)
+
+    def stats(self, metric: str) -> tuple[float, float, int] | None:
+        vals = self.values.get(metric, [])
+        if not vals:
+            return None
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return statistics.fmean(vals), std, len(vals)
+
+
+def lookup(run: Any, key: str) -> str | None:
+    """A run's value for a group-by key: `tags.K`, `params.K`, or K as a tag, then a param."""
+    tags, params = run.data.tags, run.data.params
+    if key.startswith("tags."):
+        return tags.get(key[5:])
+    if key.startswith("params."):
+        return params.get(key[7:])
+    return tags.get(key, params.get(key))
+
+
+def fetch_runs(client: Any, experiment: str, parent: str | None) -> list[Any]:
+    """Every run of the experiment (or of one sweep), sweep parents excluded."""
+    from vlmlab.errors import ConfigError
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ConfigError(
+            "--experiment", f"no MLflow experiment {experiment!r}.", f"use one of {names}."
+        )
+    query = f"tags.`{PARENT_TAG}` = '{parent}'" if parent else ""
+    runs = client.search_runs([found.experiment_id], filter_string=query, max_results=50000)
+    return [r for r in runs if r.data.tags.get("vlmlab.sweep") != "parent"]
+
+
+def summarize(
+    runs: list[Any], group_by: list[str], metrics: list[str]
+) -> tuple[list[Row], list[Any], list[Any]]:
+    """(rows of finished runs, runs that did not finish, still running)."""
+    rows: dict[tuple[str, ...], Row] = {}
+    failed, running = [], []
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        status = run.info.status
+        if status == "RUNNING" or status == "SCHEDULED":
+            running.append(run)
+            continue
+        if status != "FINISHED":
+            failed.append(run)
+            continue
+        key = tuple(str(lookup(run, k)) if lookup(run, k) is not None else "-" for k in group_by)
+        row = rows.setdefault(key, Row(key))
+        row.run_ids.append(run.info.run_id)
+        for metric in metrics:
+            value = run.data.metrics.get(metric)
+            if value is not None and math.isfinite(value):
+                row.values.setdefault(metric, []).append(float(value))
+    return sorted(rows.values(), key=lambda r: r.key), failed, running
+
+
+def _fmt(stats: tuple[float, float, int] | None) -> str:
+    if stats is None:
+        return "n/a"
+    mean, std, n = stats
+    return f"{mean:.4f} ± {std:.4f} (n={n})" if n > 1 else f"{mean:.4f} (n=1)"
+
+
+def markdown(
+    rows: list[Row],
+    failed: list[Any],
+    running: list[Any],
+    group_by: list[str],
+    metrics: list[str],
+    title: str,
+    plot_name: str | None,
+) -> str:
+    lines = [f"# {title}", ""]
+    lines.append(
+        "Mean ± sample standard deviation over the finished runs of each configuration "
+        "(n = number of runs, usually seeds)."
+    )
+    lines += ["", "| " + " | ".join([*group_by, "runs", *metrics]) + " |"]
+    lines.append("|" + "---|" * (len(group_by) + 1 + len(metrics)))
+    for row in rows:
+        cells = [*row.key, str(len(row.run_ids)), *(_fmt(row.stats(m)) for m in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        lines.append(
+            "| " + " | ".join(["(no finished runs)"] + [""] * (len(group_by) + len(metrics))) + " |"
+        )
+    if plot_name:
+        lines += ["", f"![{', '.join(metrics)}]({plot_name})"]
+    if failed:
+        lines += ["", "## Runs that did not finish (not in the table)", ""]
+        lines += ["| run | name | status | error |", "|---|---|---|---|"]
+        for run in failed:
+            error = run.data.tags.get("error", "").splitlines()[0:1]
+            lines.append(
+                f"| `{run.info.run_id}` | {run.info.run_name} | {run.info.status} | "
+                f"{(error[0] if error else '').replace('|', '/')[:200]} |"
+            )
+    if running:
+        lines += ["", f"{len(running)} run(s) still RUNNING were left out."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], metrics: list[str], group_by: list[str], out: Path) -> bool:
+    """Bar chart, one panel per metric, error bars = std over seeds. False if nothing to plot."""
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    short = [k.split(".")[-1] for k in group_by]  # encoder.config.image_size -> image_size
+    labels = ["\n".join(f"{k}={v}" for k, v in zip(short, row.key)) for row in rows]
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(max(4.0, 1.3 * len(rows)) * len(metrics), 4.2), squeeze=False
+    )
+    for ax, metric in zip(axes[0], metrics):
+        stats = [row.stats(metric) for row in rows]
+        means = [s[0] if s else math.nan for s in stats]
+        stds = [s[1] if s else 0.0 for s in stats]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+        for x, s in enumerate(stats):
+            if s:
+                ax.annotate(f"n={s[2]}", (x, s[0]), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def shared_parent(runs: list[Any]) -> str | None:
+    parents = {r.data.tags.get(PARENT_TAG) for r in runs}
+    return parents.pop() if len(parents) == 1 else None
+
+
+def report(
+    experiment: str,
+    group_by: list[str],
+    metrics: list[str],
+    out: Path,
+    tracking_uri: str,
+    parent: str | None = None,
+) -> dict[str, Any]:
+    """Write report.md, report.png and report.json to `out`; returns what it wrote."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = fetch_runs(client, experiment, parent)
+    rows, failed, running = summarize(runs, group_by, metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "report.png"
+    has_plot = plot(rows, metrics, group_by, png)
+    title = f"Experiment `{experiment}`" + (f", sweep `{parent}`" if parent else "")
+    text = markdown(rows, failed, running, group_by, metrics, title, png.name if has_plot else None)
+    commits = sorted({r.data.tags.get("git.commit", "unknown")[:12] for r in runs})
+    text += (
+        f"\nGenerated by `vlmlab report` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        f"from {len(runs)} run(s); code commit(s): {', '.join(commits) or 'n/a'}.\n"
+    )
+    (out / "report.md").write_text(text)
+    summary = {
+        "experiment": experiment,
+        "parent": parent,
+        "group_by": group_by,
+        "metrics": metrics,
+        "rows": [
+            {
+                "config": dict(zip(group_by, row.key)),
+                "runs": row.run_ids,
+                **{m: row.stats(m) for m in metrics},
+            }
+            for row in rows
+        ],
+        "failed": [{"run_id": r.info.run_id, "status": r.info.status} for r in failed],
+        "running": [r.info.run_id for r in running],
+    }
+    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    target = parent or shared_parent(runs)
+    if target:
+        for name in ("report.md", "report.json", *(["report.png"] if has_plot else [])):
+            client.log_artifact(target, str(out / name), "report")
+        summary["logged_to"] = target
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vlmlab report",
+        description="Summarize an MLflow experiment: mean ± std over seeds per configuration "
+        "(markdown table + bar plot). Finished runs only; failed ones are listed apart.",
+    )
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name, e.g. demo")
+    parser.add_argument(
+        "--group-by",
+        default=",".join(DEFAULT_GROUP_BY),
+        help="comma-separated keys naming a configuration: a tag (connector), a param "
+        "(encoder.config.image_size), or explicit tags.K / params.K",
+    )
+    parser.add_argument(
+        "--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric keys"
+    )
+    parser.add_argument("--parent", help="only the children of this sweep parent run id")
+    parser.add_argument("--out", default="report", help="output folder (default: ./report)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///$VLMLAB_ROOT/mlflow.db, "
+        "VLMLAB_ROOT defaulting to runs)",
+    )
+    args = parser.parse_args(argv)
+    import os
+
+    from vlmlab.errors import ConfigError
+    from vlmlab.logs import setup_logging
+    from vlmlab.tracking.mlflow import tracking_uri
+
+    setup_logging()
+    try:
+        uri = tracking_uri(args.tracking_uri, Path(os.environ.get("VLMLAB_ROOT", "runs")))
+        summary = report(
+            args.experiment,
+            [k for k in args.group_by.split(",") if k],
+            [m for m in args.metrics.split(",") if m],
+            Path(args.out),
+            uri,
+            args.parent,
+        )
+    except ConfigError as err:
+        print(f"vlmlab report: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print((out / "report.md").read_text())
+    print(f"wrote {out / 'report.md'}, {out / 'report.png'}, {out / 'report.json'}")
+    if summary.get("logged_to"):
+        print(f"logged as artifacts of run {summary['logged_to']} (report/)")
+    return 0

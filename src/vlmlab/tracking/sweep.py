@@ -1,0 +1,215 @@
+"""Sweeps: one MLflow parent run per Hydra multirun, and DDP ranks that run only their job.
+
+Parent/child: `MlflowSweepCallback.on_multirun_start` (main process, before any job) creates
+the parent run, records the sweep command and overrides, writes `mlflow_parent.json` into the
+sweep dir and exports `VLMLAB_MLFLOW_PARENT_RUN_ID`, which every launcher hands to its jobs
+(same process for `basic`, inherited environment for `joblib` workers and submitit jobs).
+Each job's run gets the `mlflow.parentRunId` tag (see `parent_run_id`). `on_multirun_end`
+counts the children and ends the parent; if a job fails Hydra raises before
+`on_multirun_end`, so an exit hook ends the parent FAILED instead of leaving it RUNNING.
+
+DDP in a sweep: Lightning starts ranks > 0 by re-running `sys.argv` (plus `hydra.run.dir=...`,
+see lightning/fabric/strategies/launchers/subprocess_script.py `_hydra_subprocess_cmd`).
+Under `-m` that is the whole sweep again. The job exports its own overrides
+(`export_job_for_ranks`) and the entry point of a rank > 0 swaps the sweep for them
+(`argv_for_rank`), so each rank runs exactly its job, once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "VLMLAB_MLFLOW_PARENT_RUN_ID"
+KEYS_ENV = "VLMLAB_SWEEP_KEYS"
+JOB_ENV = "VLMLAB_SWEEP_JOB"
+PARENT_FILE = "mlflow_parent.json"
+SWEEP_TAG = "vlmlab.sweep"
+_LIGHTNING_RANK_ARGS = ("hydra.run.dir=", "hydra.job.name=", "hydra.output_subdir=")
+
+
+def parent_run_id() -> str | None:
+    """The sweep's parent run id for the job running now, or None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return os.environ.get(PARENT_ENV) or None
+
+
+def swept_keys() -> tuple[str, ...]:
+    """Keys the running sweep varies (`connector=linear,mlp` -> connector); () outside a sweep."""
+    return tuple(json.loads(os.environ.get(KEYS_ENV, "[]"))) if parent_run_id() else ()
+
+
+def sweep_keys(overrides: list[str]) -> list[str]:
+    """Keys of the overrides that are sweeps (`a,b`, `range(...)`, `choice(...)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def export_job_for_ranks() -> None:
+    """In a multirun job: tell Lightning-launched ranks > 0 which job they belong to."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    os.environ[JOB_ENV] = json.dumps(
+        {"overrides": list(hydra_cfg.overrides.task), "output_dir": hydra_cfg.runtime.output_dir}
+    )
+
+
+def argv_for_rank(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """Command-line overrides for this process: a rank > 0 of a sweep job gets only its job.
+
+    Lightning re-launches ranks with `[*sys.argv[1:], hydra.run.dir=..., hydra.job.name=...,
+    hydra.output_subdir=null]` and `LOCAL_RANK` set; the job's overrides come from `JOB_ENV`.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LOCAL_RANK", "0") in ("", "0") or not env.get(JOB_ENV):
+        return argv
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    job = json.loads(env[JOB_ENV])
+    kept = [a for a in argv if a.startswith(_LIGHTNING_RANK_ARGS) and "hydra.run.dir=" not in a]
+    return [*job["overrides"], f"hydra.run.dir={job['output_dir']}", *kept]
+
+
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def isolated_job() -> Iterator[None]:
+    """Run one sweep job so that the next job in this process can start DDP afresh.
+
+    Lightning's launcher exports MASTER_PORT, LOCAL_RANK, WORLD_SIZE... into this process and
+    leaves the process group up; the next job would then think its ranks were started
+    externally, start none, and talk to the previous job's dead rank 1. Undo both, but only
+    when this process launched the ranks (torchrun/SLURM set LOCAL_RANK before we start).
+    """
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    try:
+        yield
+    finally:
+        if saved["LOCAL_RANK"] is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+class MlflowSweepCallback(Callback):
+    """Hydra callback: one MLflow parent run for a multirun, children tagged with its id."""
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.logger.get("kind") != "mlflow":
+            return
+        from mlflow import MlflowClient
+
+        from vlmlab.tracking.mlflow import tracking_uri
+
+        root = Path(config.paths.root).resolve()
+        uri = tracking_uri(config.logger.get("tracking_uri"), root)
+        client = MlflowClient(uri)
+        name = str(config.logger.experiment_name)
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else client.create_experiment(
+                name, artifact_location=(root / "mlartifacts").resolve().as_uri()
+            )
+        )
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        overrides = list(config.hydra.overrides.task)
+        hydra_overrides = list(config.hydra.overrides.hydra)
+        command = shlex.join([Path(sys.argv[0]).name, "-m", *overrides, *hydra_overrides])
+        from vlmlab.tracking.mlflow import git_commit
+
+        run = client.create_run(
+            experiment_id,
+            run_name=f"sweep-{sweep_dir.name}",
+            tags={
+                SWEEP_TAG: "parent",
+                "vlmlab.sweep_dir": str(sweep_dir),
+                "vlmlab.sweep_command": command[:5000],
+                "mlflow.note.content": f"Sweep parent: `{command}`"[:5000],
+                "hydra.launcher": str(
+                    OmegaConf.select(config, "hydra.runtime.choices.hydra/launcher") or "basic"
+                ),
+                **git_commit(),
+            },
+        )
+        self.client, self.run_id = client, run.info.run_id
+        params: dict[str, str] = {}  # a key given twice: the last value wins, as in Hydra
+        for item in overrides:
+            key, _, value = item.partition("=")
+            params[f"sweep.{key.lstrip('+~')}"[:250]] = value[:6000]
+        for key, value in params.items():
+            client.log_param(self.run_id, key, value)
+        client.log_text(self.run_id, command + "\n", "sweep_command.txt")
+        client.log_text(self.run_id, "\n".join(overrides) + "\n", "overrides.txt")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(
+            json.dumps({"run_id": self.run_id, "tracking_uri": uri, "experiment_id": experiment_id})
+        )
+        os.environ[PARENT_ENV] = self.run_id
+        os.environ[KEYS_ENV] = json.dumps(sweep_keys(overrides))
+        atexit.register(self._end, None)
+        log.info("MLflow sweep parent run %s (%s)", self.run_id, command)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end("FINISHED")
+
+    def _end(self, status: str | None) -> None:
+        """End the parent once: FAILED if a child failed or Hydra never reached the end."""
+        if self.run_id is None:
+            return
+        run_id, self.run_id = self.run_id, None
+        os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(KEYS_ENV, None)
+        try:
+            children = self.client.search_runs(
+                [self.client.get_run(run_id).info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+                max_results=10000,
+            )
+            counts: dict[str, int] = {}
+            for child in children:
+                counts[child.info.status] = counts.get(child.info.status, 0) + 1
+            for state, count in counts.items():
+                self.client.log_metric(run_id, f"sweep/jobs_{state.lower()}", count)
+            failed = any(s != "FINISHED" for s in counts)
+            final = "FAILED" if status is None or failed else status
+            if status is None:
+                self.client.set_tag(run_id, "error", "the sweep stopped before all jobs ended")
+            self.client.set_terminated(run_id, final)
+        except Exception:  # never hide the sweep's own outcome behind a tracking error
+            log.exception("could not end the MLflow sweep parent run %s", run_id)

@@ -1,0 +1,372 @@
+"""`cfg.trainer` -> Lightning Trainer arguments: strategy object, precision, plugins.
+
+The trainer presets (conf/trainer/*.yaml) name a strategy in our words:
+
+    auto | ddp | ddp_* (Lightning's own)   passed through
+    fsdp        FSDP2 through Lightning's ModelParallelStrategy: `fully_shard` on every LLM
+                decoder layer and every encoder block, then on the LightningModule (the root);
+                bf16 via MixedPrecisionPolicy (params bf16, gradient reduction fp32). Runs on
+                CPU too (gloo), which is how the wrapping code is tested without a GPU.
+    deepspeed   Lightning's DeepSpeedStrategy with a ZeRO config built here from
+                `trainer.deepspeed` (the LLaVA zero2/zero3/zero3_offload json files as data)
+
+Keys that are ours, not Lightning's, are removed before `L.Trainer(**kwargs)`: `fsdp`,
+`deepspeed`, `peak_tflops` (MFU denominator) and `emulate_ranks`. Every problem is a
+ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vlmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+OUR_KEYS = ("fsdp", "deepspeed", "peak_tflops", "emulate_ranks")
+FSDP_KEYS = {"state_dict", "reshard_after_forward", "wrap", "cpu_offload"}
+FSDP_WRAP = {"llm", "encoder"}
+DEEPSPEED_KEYS = {
+    "stage",
+    "offload_optimizer",
+    "offload_parameters",
+    "pin_memory",
+    "allgather_bucket_size",
+    "reduce_bucket_size",
+    "overlap_comm",
+    "contiguous_gradients",
+    "sub_group_size",
+    "max_live_parameters",
+    "max_reuse_distance",
+    "prefetch_bucket_size",
+    "param_persistence_threshold",
+    "gather_16bit_weights_on_model_save",
+}
+# Precisions FSDP2 handles through MixedPrecisionPolicy; Lightning itself then runs in fp32.
+_FSDP_MIXED = {"bf16-mixed": torch.bfloat16}
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _block(trainer: DictConfig, key: str, allowed: set[str]) -> dict[str, Any]:
+    block = dict(_plain(trainer.get(key)) or {})
+    unknown = sorted(set(block) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"trainer.{key}.{unknown[0]}",
+            f"unknown key(s) {unknown}.",
+            f"valid keys: {', '.join(sorted(allowed))}.",
+        )
+    return block
+
+
+def strategy_name(trainer: DictConfig) -> str:
+    value = trainer.get("strategy", "auto")
+    if not isinstance(value, str):
+        raise ConfigError(
+            "trainer.strategy",
+            f"got {value!r}.",
+            "name a strategy: auto, ddp, fsdp or deepspeed (settings go in trainer.fsdp / trainer.deepspeed).",
+        )
+    return value
+
+
+def world_size(trainer: DictConfig) -> int:
+    devices = trainer.get("devices", 1)
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(
+            "trainer.devices",
+            f"got {devices!r}.",
+            "give a positive integer so the global batch can be derived.",
+        )
+    return devices * int(trainer.get("num_nodes", 1))
+
+
+def peak_flops(trainer: DictConfig) -> float | None:
+    """Peak FLOP/s of one device for MFU; None (MFU not logged) when the preset gives none."""
+    value = trainer.get("peak_tflops")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(
+            "trainer.peak_tflops",
+            f"got {value!r}.",
+            "give the device's dense peak in TFLOP/s for the training precision "
+            "(A100 bf16: 312, H100 SXM bf16: 989) or null to skip MFU.",
+        )
+    return float(value) * 1e12
+
+
+def emulated_ranks(cfg: DictConfig) -> int:
+    """`trainer.emulate_ranks: N`: one process reads the data of N ranks (the reference run
+    a distributed run must reproduce); 1 when unset."""
+    value = cfg.trainer.get("emulate_ranks")
+    if value in (None, 1):
+        return 1
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError("trainer.emulate_ranks", f"got {value!r}.", "give an integer >= 1.")
+    if world_size(cfg.trainer) != 1:
+        raise ConfigError(
+            "trainer.emulate_ranks",
+            f"emulates {value} ranks in one process but trainer.devices x num_nodes = "
+            f"{world_size(cfg.trainer)}.",
+            "use it with trainer.devices=1 only.",
+        )
+    if cfg.get("resume") not in (None, "", "null"):
+        raise ConfigError(
+            "trainer.emulate_ranks", "a rank-emulating run cannot resume.", "set resume=null."
+        )
+    return value
+
+
+def fsdp_settings(trainer: DictConfig) -> dict[str, Any]:
+    block = _block(trainer, "fsdp", FSDP_KEYS)
+    settings = {
+        "state_dict": block.get("state_dict", "sharded"),
+        "reshard_after_forward": bool(block.get("reshard_after_forward", True)),
+        "wrap": list(block.get("wrap", ["llm", "encoder"])),
+        "cpu_offload": bool(block.get("cpu_offload", False)),
+    }
+    if settings["state_dict"] not in ("sharded", "full"):
+        raise ConfigError(
+            "trainer.fsdp.state_dict",
+            f"got {settings['state_dict']!r}.",
+            "use sharded (one file per rank, fast) or full (one file gathered on rank 0).",
+        )
+    bad = sorted(set(settings["wrap"]) - FSDP_WRAP)
+    if bad:
+        raise ConfigError(
+            "trainer.fsdp.wrap", f"unknown component(s) {bad}.", "choose from llm, encoder."
+        )
+    precision = str(trainer.get("precision", "32-true"))
+    on_cpu = trainer.get("accelerator") == "cpu"
+    if on_cpu and ("16" in precision):
+        raise ConfigError(
+            "trainer.precision",
+            f"{precision} with FSDP on CPU is not supported (gloo reduces fp32 only here).",
+            "use trainer.precision=32-true (or trainer=fsdp_cpu).",
+        )
+    if precision in ("16-mixed", "16"):
+        raise ConfigError(
+            "trainer.precision",
+            "16-mixed (fp16 with a loss scaler) is not supported with FSDP2 here.",
+            "use bf16-mixed.",
+        )
+    if settings["cpu_offload"] and on_cpu:
+        raise ConfigError(
+            "trainer.fsdp.cpu_offload", "offloading to the CPU needs a GPU run.", "set it false."
+        )
+    return settings
+
+
+def zero_config(cfg: DictConfig) -> dict[str, Any]:
+    """The DeepSpeed config (LLaVA's scripts/zero{2,3,3_offload}.json, with numbers for its
+    `auto`s); Lightning adds precision, gradient clipping and accumulation from the trainer."""
+    block = _block(cfg.trainer, "deepspeed", DEEPSPEED_KEYS)
+    stage = block.get("stage", 2)
+    if stage not in (1, 2, 3):
+        raise ConfigError("trainer.deepspeed.stage", f"got {stage!r}.", "use 1, 2 or 3.")
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": bool(block.get("overlap_comm", True)),
+        "contiguous_gradients": bool(block.get("contiguous_gradients", True)),
+        "sub_group_size": int(block.get("sub_group_size", 1e9)),
+        "allgather_bucket_size": int(block.get("allgather_bucket_size", 2e8)),
+        "reduce_bucket_size": int(block.get("reduce_bucket_size", 2e8)),
+    }
+    pin = bool(block.get("pin_memory", True))
+    if block.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if block.get("offload_parameters"):
+        if stage != 3:
+            raise ConfigError(
+                "trainer.deepspeed.offload_parameters",
+                f"parameter offload needs ZeRO stage 3, got stage {stage}.",
+                "use trainer=deepspeed_zero3_offload or set trainer.deepspeed.stage=3.",
+            )
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    if stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": int(block.get("prefetch_bucket_size", 5e7)),
+                "stage3_param_persistence_threshold": int(
+                    block.get("param_persistence_threshold", 1e5)
+                ),
+                "stage3_max_live_parameters": int(block.get("max_live_parameters", 1e9)),
+                "stage3_max_reuse_distance": int(block.get("max_reuse_distance", 1e9)),
+                "stage3_gather_16bit_weights_on_model_save": bool(
+                    block.get("gather_16bit_weights_on_model_save", True)
+                ),
+            }
+        )
+    return {
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW, as Lightning's default config
+        "train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
+    }
+
+
+def deepspeed_available() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """Validated `L.Trainer` keyword arguments from `cfg.trainer` (our keys removed)."""
+    trainer = cfg.trainer
+    kwargs = {k: v for k, v in (_plain(trainer) or {}).items() if k not in OUR_KEYS}
+    world_size(trainer)
+    peak_flops(trainer)
+    name = strategy_name(trainer)
+    for key, section in (("fsdp", "fsdp"), ("deepspeed", "deepspeed")):
+        if trainer.get(key) and name != section:
+            log.debug("trainer.%s is set but trainer.strategy=%s: ignored", key, name)
+    if name == "fsdp":
+        settings = fsdp_settings(trainer)
+        kwargs["strategy"] = model_parallel_strategy(
+            data_parallel_size=world_size(trainer),
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=settings["state_dict"] == "sharded",
+        )
+        if str(kwargs.get("precision")) in _FSDP_MIXED:
+            kwargs["precision"] = "32-true"  # FSDP2's MixedPrecisionPolicy does the casting
+    elif name == "deepspeed":
+        if trainer.get("accelerator") == "cpu":
+            raise ConfigError(
+                "trainer.accelerator",
+                "DeepSpeed trains on GPUs only.",
+                "use trainer=deepspeed_zero2 on a GPU machine, or trainer=fsdp_cpu / ddp on CPU.",
+            )
+        config = zero_config(cfg)
+        if not deepspeed_available():
+            raise ConfigError(
+                "trainer.strategy",
+                "deepspeed is requested but not installed.",
+                "`pip install deepspeed` (it compiles its ops for your CUDA), or use trainer=fsdp.",
+            )
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        kwargs["strategy"] = DeepSpeedStrategy(config=config)
+    elif name.startswith("fsdp") or name.startswith("deepspeed"):
+        raise ConfigError(
+            "trainer.strategy",
+            f"{name!r} is Lightning's spelling; vlmlab builds these strategies itself.",
+            "use trainer=fsdp (or trainer.strategy=fsdp) / trainer=deepspeed_zero2 and the "
+            "trainer.fsdp / trainer.deepspeed settings.",
+        )
+    return kwargs
+
+
+def model_parallel_strategy(**kwargs: Any) -> Any:
+    """Lightning's ModelParallelStrategy whose sharded checkpoint folders appear atomically.
+
+    torch.distributed.checkpoint writes the shards in place; here they go to `<path>.tmp`, and
+    rank 0 swaps the finished folder in (the old one kept as `<path>.prev` until the next
+    save), so a kill mid-save leaves a loadable checkpoint for resume (checkpoints.py).
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class AtomicModelParallelStrategy(ModelParallelStrategy):
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
+        ) -> None:
+            if not self._save_distributed_checkpoint:  # one file on rank 0, via CheckpointIO
+                super().save_checkpoint(checkpoint, filepath, storage_options)
+                return
+            path = Path(self.broadcast(str(filepath)))
+            staged = path.with_name(path.name + ".tmp")
+            if self.global_rank == 0:
+                _remove(staged)
+            self.barrier("vlmlab-ckpt-clean")
+            super().save_checkpoint(checkpoint, staged, storage_options)
+            self.barrier("vlmlab-ckpt-written")
+            if self.global_rank == 0:
+                previous = path.with_name(path.name + ".prev")
+                if path.exists():
+                    _remove(previous)
+                    os.replace(path, previous)
+                os.replace(staged, path)
+            self.barrier("vlmlab-ckpt-swapped")
+
+    return AtomicModelParallelStrategy(**kwargs)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def uses_global_token_loss(cfg: DictConfig) -> bool:
+    """DeepSpeed owns gradient accumulation and scaling: its loss stays the micro-batch mean."""
+    return strategy_name(cfg.trainer) != "deepspeed"
+
+
+def fsdp_parallelizer(cfg: DictConfig) -> Callable[[torch.nn.Module, Any], None] | None:
+    """The `configure_model` body for trainer.strategy=fsdp, or None for other strategies."""
+    if strategy_name(cfg.trainer) != "fsdp":
+        return None
+    settings = fsdp_settings(cfg.trainer)
+    dtype = _FSDP_MIXED.get(str(cfg.trainer.get("precision")))
+
+    def parallelize(root: torch.nn.Module, device_mesh: Any) -> None:
+        shard_model(root, device_mesh["data_parallel"], settings, dtype)
+
+    return parallelize
+
+
+def fsdp_units(root: torch.nn.Module, wrap: list[str]) -> list[torch.nn.Module]:
+    """The modules sharded on their own (each LLM decoder layer, each encoder block)."""
+    from vlmlab.stages.policy import blocks_of
+
+    model = getattr(root, "model", root)
+    units: list[torch.nn.Module] = []
+    for component in ("encoder", "llm"):
+        if component not in wrap:
+            continue
+        found = blocks_of(getattr(model, component))
+        if found is None:
+            raise ConfigError(
+                "trainer.fsdp.wrap",
+                f"the {component} has no repeated blocks (nn.ModuleList) to shard.",
+                f"remove {component} from trainer.fsdp.wrap.",
+            )
+        units.extend(found[1])
+    return units
+
+
+def shard_model(
+    root: torch.nn.Module,
+    mesh: Any,
+    settings: dict[str, Any],
+    param_dtype: torch.dtype | None = None,
+) -> None:
+    """fully_shard each block, then the root: one all-gather per block, the rest with the root."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {
+        "mesh": mesh,
+        "reshard_after_forward": settings["reshard_after_forward"],
+    }
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32
+        )
+    if settings.get("cpu_offload"):
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    units = fsdp_units(root, settings["wrap"])
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(root, **kwargs)
+    log.info("FSDP2: sharded %d blocks + root over %d ranks", len(units), mesh.size())
