@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Toy LLaVA-1.5 component ablation on CPU (see README.md): linear vs MLP connector x two image
-# resolutions x 3 seeds on tiny random-init models and the synthetic shapes data, then
+# resolutions x 2 seeds on tiny random-init models and the synthetic shapes data, then
 # `vlmlab report` writes results/report.md + report.png next to this script.
 #
 #   experiments/llava15_ablations/run_toy.sh            # from anywhere; PYTHON=... to pick one
@@ -21,9 +21,12 @@ start=$(date +%s)
 # 1. the shared language warm-up of the random tiny LLM (once; every job starts from it)
 $PY train.py experiment=toy_ablation stage=lm trainer.enable_progress_bar=false
 
-# 2. the sweep: one MLflow parent run, 12 children (stage 2 = connector + LLM, then held-out QA)
-$PY train.py -m experiment=toy_ablation stage=2 \
-  connector=linear,mlp encoder.config.image_size=48,64 seed=1,2,3 \
+# 2. per arm and seed: stage 1 (connector alignment), then stage 2 (connector + LLM, then
+#    held-out QA) from that arm's own stage-1 checkpoint; one MLflow parent run per sweep
+ARMS=(connector=linear,mlp encoder.config.image_size=48,64 seed=1,2)
+$PY train.py -m experiment=toy_ablation stage=1 "${ARMS[@]}" \
+  trainer.enable_progress_bar=false "hydra.sweep.dir=$SWEEP_DIR-stage1"
+$PY train.py -m experiment=toy_ablation stage=2 "${ARMS[@]}" \
   trainer.enable_progress_bar=false "hydra.sweep.dir=$SWEEP_DIR"
 
 # 3. the report of that sweep (also logged as artifacts of the parent run)
