@@ -17,7 +17,6 @@ ConfigError naming the key.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -26,49 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vlmlab.errors import ConfigError
+from vlmlab.training.deepspeed import deepspeed_available, zero_config
+from vlmlab.training.settings import plain as _plain
+from vlmlab.training.settings import settings_block
 
 log = logging.getLogger(__name__)
 
 OUR_KEYS = ("fsdp", "deepspeed", "peak_tflops", "emulate_ranks")
 FSDP_KEYS = {"state_dict", "reshard_after_forward", "wrap", "cpu_offload"}
 FSDP_WRAP = {"llm", "encoder"}
-DEEPSPEED_KEYS = {
-    "stage",
-    "offload_optimizer",
-    "offload_parameters",
-    "pin_memory",
-    "allgather_bucket_size",
-    "reduce_bucket_size",
-    "overlap_comm",
-    "contiguous_gradients",
-    "sub_group_size",
-    "max_live_parameters",
-    "max_reuse_distance",
-    "prefetch_bucket_size",
-    "param_persistence_threshold",
-    "gather_16bit_weights_on_model_save",
-}
 # Precisions FSDP2 handles through MixedPrecisionPolicy; Lightning itself then runs in fp32.
 _FSDP_MIXED = {"bf16-mixed": torch.bfloat16}
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def _block(trainer: DictConfig, key: str, allowed: set[str]) -> dict[str, Any]:
-    block = dict(_plain(trainer.get(key)) or {})
-    unknown = sorted(set(block) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"trainer.{key}.{unknown[0]}",
-            f"unknown key(s) {unknown}.",
-            f"valid keys: {', '.join(sorted(allowed))}.",
-        )
-    return block
 
 
 def strategy_name(trainer: DictConfig) -> str:
@@ -131,7 +101,7 @@ def emulated_ranks(cfg: DictConfig) -> int:
 
 
 def fsdp_settings(trainer: DictConfig) -> dict[str, Any]:
-    block = _block(trainer, "fsdp", FSDP_KEYS)
+    block = settings_block(trainer, "fsdp", FSDP_KEYS)
     settings = {
         "state_dict": block.get("state_dict", "sharded"),
         "reshard_after_forward": bool(block.get("reshard_after_forward", True)),
@@ -168,57 +138,6 @@ def fsdp_settings(trainer: DictConfig) -> dict[str, Any]:
             "trainer.fsdp.cpu_offload", "offloading to the CPU needs a GPU run.", "set it false."
         )
     return settings
-
-
-def zero_config(cfg: DictConfig) -> dict[str, Any]:
-    """The DeepSpeed config (LLaVA's scripts/zero{2,3,3_offload}.json, with numbers for its
-    `auto`s); Lightning adds precision, gradient clipping and accumulation from the trainer."""
-    block = _block(cfg.trainer, "deepspeed", DEEPSPEED_KEYS)
-    stage = block.get("stage", 2)
-    if stage not in (1, 2, 3):
-        raise ConfigError("trainer.deepspeed.stage", f"got {stage!r}.", "use 1, 2 or 3.")
-    zero: dict[str, Any] = {
-        "stage": stage,
-        "overlap_comm": bool(block.get("overlap_comm", True)),
-        "contiguous_gradients": bool(block.get("contiguous_gradients", True)),
-        "sub_group_size": int(block.get("sub_group_size", 1e9)),
-        "allgather_bucket_size": int(block.get("allgather_bucket_size", 2e8)),
-        "reduce_bucket_size": int(block.get("reduce_bucket_size", 2e8)),
-    }
-    pin = bool(block.get("pin_memory", True))
-    if block.get("offload_optimizer"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-    if block.get("offload_parameters"):
-        if stage != 3:
-            raise ConfigError(
-                "trainer.deepspeed.offload_parameters",
-                f"parameter offload needs ZeRO stage 3, got stage {stage}.",
-                "use trainer=deepspeed_zero3_offload or set trainer.deepspeed.stage=3.",
-            )
-        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    if stage == 3:
-        zero.update(
-            {
-                "stage3_prefetch_bucket_size": int(block.get("prefetch_bucket_size", 5e7)),
-                "stage3_param_persistence_threshold": int(
-                    block.get("param_persistence_threshold", 1e5)
-                ),
-                "stage3_max_live_parameters": int(block.get("max_live_parameters", 1e9)),
-                "stage3_max_reuse_distance": int(block.get("max_reuse_distance", 1e9)),
-                "stage3_gather_16bit_weights_on_model_save": bool(
-                    block.get("gather_16bit_weights_on_model_save", True)
-                ),
-            }
-        )
-    return {
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch AdamW, as Lightning's default config
-        "train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
-    }
-
-
-def deepspeed_available() -> bool:
-    return importlib.util.find_spec("deepspeed") is not None
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
