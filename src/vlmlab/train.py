@@ -42,6 +42,7 @@ from vlmlab.training import strategy as strategies
 from vlmlab.training.audit import SampleRecorder
 from vlmlab.training.emulate import EmulatedRanks
 from vlmlab.training.module import VLMModule
+from vlmlab.training.precision import apply_master_weights
 from vlmlab.training.resumable import EpochEndCheckpoint, StepCheckpoint
 from vlmlab.training.throughput import FlopsModel, Throughput
 
@@ -294,6 +295,14 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         raise ConfigError(
             "stage", "problems found before training:\n  " + "\n  ".join(map(str, problems))
         )
+    # fp32 master weights for everything that trains, one dtype per FSDP unit (training/precision.py)
+    strategy = strategies.strategy_name(cfg.trainer)
+    units = (
+        strategies.fsdp_units(model, strategies.fsdp_settings(cfg.trainer)["wrap"])
+        if strategy == "fsdp"
+        else None
+    )
+    apply_master_weights(model, str(cfg.trainer.get("precision", "32-true")), strategy, units)
     table = format_table(plan.table)
     log.info("stage %s parameters:\n%s", cfg.stage.name, table)
 

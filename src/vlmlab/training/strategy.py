@@ -121,12 +121,6 @@ def fsdp_settings(trainer: DictConfig) -> dict[str, Any]:
         )
     precision = str(trainer.get("precision", "32-true"))
     on_cpu = trainer.get("accelerator") == "cpu"
-    if on_cpu and ("16" in precision):
-        raise ConfigError(
-            "trainer.precision",
-            f"{precision} with FSDP on CPU is not supported (gloo reduces fp32 only here).",
-            "use trainer.precision=32-true (or trainer=fsdp_cpu).",
-        )
     if precision in ("16-mixed", "16"):
         raise ConfigError(
             "trainer.precision",
@@ -156,6 +150,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
             data_parallel_size=world_size(trainer),
             tensor_parallel_size=1,
             save_distributed_checkpoint=settings["state_dict"] == "sharded",
+            # CPUOffloadPolicy keeps gradients on the CPU: their reduce-scatter needs gloo
+            process_group_backend="cpu:gloo,cuda:nccl" if settings["cpu_offload"] else None,
         )
         if str(kwargs.get("precision")) in _FSDP_MIXED:
             kwargs["precision"] = "32-true"  # FSDP2's MixedPrecisionPolicy does the casting
@@ -196,6 +192,22 @@ def model_parallel_strategy(**kwargs: Any) -> Any:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     class AtomicModelParallelStrategy(ModelParallelStrategy):
+        def lightning_module_state_dict(self) -> dict[str, Any]:
+            # Trainable weights only (VLMModule keeps no others): a full state dict would
+            # otherwise gather the frozen 7B LLM onto rank 0 at every checkpoint.
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            options = StateDictOptions(
+                full_state_dict=not self._save_distributed_checkpoint,
+                cpu_offload=True,
+                ignore_frozen_params=True,
+            )
+            assert self.model is not None
+            return get_model_state_dict(self.model, options=options)
+
         def save_checkpoint(
             self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
         ) -> None:
