@@ -7,6 +7,7 @@
     nox -s typecheck  # mypy on src/vlmlab
     nox -s demo       # the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy
     nox -s bench      # benchmarks/*.py: each prints its ratio against a baseline run alongside
+    nox -s gpu_smoke  # on a CUDA machine: every GPU preset vs an fp32 reference (skips on CPU)
 """
 
 import sys
@@ -49,3 +50,8 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     for script in ("padding.py", "generation_kv_cache.py", "data_throughput.py"):
         session.run(PY, f"benchmarks/{script}", *session.posargs)
+
+
+@nox.session(python=False)
+def gpu_smoke(session: nox.Session) -> None:
+    session.run(PY, "benchmarks/gpu_smoke.py", *session.posargs)
