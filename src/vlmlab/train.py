@@ -258,7 +258,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     choices = hydra_choices(cfg)
     uri = tracking_uri(cfg.logger.get("tracking_uri"), root) if cfg.logger.kind == "mlflow" else ""
     L.seed_everything(int(cfg.seed), workers=True)
-    stages.check_before_build(cfg.stage)
+    stages.check_before_build(cfg.stage, cfg.trainer)
     resume_dir = root / "resume" / run_key(cfg)
     resume_from, resume_state = resolve_resume(cfg, resume_dir)
 

@@ -34,6 +34,7 @@ from vlmlab.training.settings import settings_block
 
 log = logging.getLogger(__name__)
 
+_METADATA = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint folder
 OUR_KEYS = ("fsdp", "deepspeed", "peak_tflops", "emulate_ranks")
 FSDP_KEYS = {"state_dict", "reshard_after_forward", "wrap", "cpu_offload"}
 FSDP_WRAP = {"llm", "encoder"}
@@ -207,6 +208,44 @@ def model_parallel_strategy(**kwargs: Any) -> Any:
             )
             assert self.model is not None
             return get_model_state_dict(self.model, options=options)
+
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+            # A sharded checkpoint holds trainable weights only (above): read those, not the
+            # whole model, which torch.distributed.checkpoint would report as missing keys.
+            path = Path(self.broadcast(str(checkpoint_path)))
+            if not (path.is_dir() and (path / _METADATA).is_file()):
+                return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            from lightning.fabric.strategies.fsdp import _distributed_checkpoint_load
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            assert self.model is not None
+            module = self.model
+            model_state = {
+                "state_dict": get_model_state_dict(
+                    module, options=StateDictOptions(ignore_frozen_params=True)
+                )
+            }
+            _distributed_checkpoint_load(model_state, path)
+            set_model_state_dict(
+                module, model_state["state_dict"], options=StateDictOptions(strict=False)
+            )
+            for index, optimizer in enumerate(self.optimizers):
+                key = f"optimizer_{index}"
+                optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+                _distributed_checkpoint_load(optim_state, path)
+                set_optimizer_state_dict(
+                    module,
+                    optimizer,
+                    optim_state_dict=optim_state[key],
+                    options=StateDictOptions(cpu_offload=True),
+                )
+            return torch.load(path / _METADATA, weights_only=weights_only)
 
         def save_checkpoint(
             self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
