@@ -175,6 +175,41 @@ def test_qlora_on_cpu_fails_before_loading_weights(compose_cfg: Callable[..., Di
         train(cfg)
 
 
+@pytest.mark.parametrize(
+    ("trainer", "keys"),
+    [
+        ("fsdp_cpu", ["trainer.strategy=fsdp"]),
+        ("fsdp", ["trainer.strategy=fsdp"]),
+        ("deepspeed_zero3", ["trainer.strategy=deepspeed", "trainer.deepspeed.stage=3"]),
+        ("deepspeed_zero3_offload", ["trainer.deepspeed.stage=3"]),
+    ],
+)
+def test_qlora_under_sharding_is_refused_before_build(
+    compose_cfg: Callable[..., DictConfig], trainer: str, keys: list[str]
+) -> None:
+    """4-bit bitsandbytes weights can't be sharded by FSDP2 or partitioned by ZeRO-3: refused
+    with the keys and the fix, and every other problem (no GPU here) in the same message."""
+    cfg = compose_cfg("stage=2_qlora", f"trainer={trainer}", "llm=vicuna7b")
+    with pytest.raises(ConfigError) as err:
+        stages.check_before_build(cfg.stage, cfg.trainer)
+    message = str(err.value)
+    for key in ["stage.quantize", *keys]:
+        assert key in message, message
+    assert "trainer=ddp" in message and "deepspeed_zero2" in message
+    if not torch.cuda.is_available():
+        assert "need a CUDA GPU" in message  # listed together, not one at a time
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "deepspeed_zero2", "cpu"])
+def test_qlora_with_replicated_base_is_not_a_strategy_problem(
+    compose_cfg: Callable[..., DictConfig], trainer: str
+) -> None:
+    cfg = compose_cfg("stage=2_qlora", f"trainer={trainer}", "llm=vicuna7b")
+    assert stages.config_problems(cfg.stage, cfg.trainer) == []
+    plain = compose_cfg("stage=2_lora", "trainer=fsdp_cpu")
+    stages.check_before_build(plain.stage, plain.trainer)  # no quantize: nothing to refuse
+
+
 def _trained_lora_checkpoint(
     compose_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> tuple[Path, Any]:
@@ -332,6 +367,8 @@ def test_llava15_experiments_resolve_to_table9(
     assert cfg.encoder.transform.aspect == "pad"
     assert cfg.connector._target_.endswith("MLPConnector") and cfg.connector.depth == 2
     assert cfg.data.max_length == 2048 and cfg.trainer.precision == "bf16-mixed"
+    # the official scripts pass --gradient_checkpointing True in both stages
+    assert cfg.stage.gradient_checkpointing is True
     llm = "lmsys/vicuna-13b-v1.5" if experiment == "llava15_13b" else "lmsys/vicuna-7b-v1.5"
     assert cfg.llm.name_or_path == llm
     # micro batch x 8 GPUs = the official per-device batch; accumulation is derived
@@ -359,6 +396,11 @@ def test_llava_v1_recipe(compose_cfg: Callable[..., DictConfig]) -> None:
     assert (one.stage.optim.lr, one.stage.global_batch_size, one.stage.epochs) == (2e-3, 128, 1)
     assert (two.stage.optim.lr, two.stage.global_batch_size, two.stage.epochs) == (2e-5, 32, 3)
     assert one.encoder.transform.aspect == "crop"
+    assert one.stage.gradient_checkpointing is True and two.stage.gradient_checkpointing is True
+    off = compose_cfg(
+        "experiment=llava_v1", "stage=2", "stage.gradient_checkpointing=false", tiny_data=False
+    )
+    assert off.stage.gradient_checkpointing is False  # the command line still decides
 
 
 def test_init_from_an_mlflow_run(compose_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:

@@ -5,27 +5,44 @@ blocks), so a 7B composition costs no memory and no network. The stage policy is
 that meta model (it only flips `requires_grad`), so the trainable counts are the ones training
 would see.
 
-Memory per GPU (decimal GB) is the usual ZeRO accounting (Rajbhandari et al. 2020):
+Memory per GPU (decimal GB) follows what training holds (training/precision.py):
 
-    P = all parameters, T = trainable parameters, N = world size (devices x nodes)
-    precision      weight  grad  optimizer (AdamW, per trainable param)
-    32-true           4     4     8   (m, v in fp32)
-    *-mixed           2     2    12   (fp32 master copy + m + v)
-    *-true (16 bit)   2     2     4   (m, v in 16 bit, no master copy)
+    every trainable parameter has an fp32 master, whatever the load dtype:
+        4 B weight + 4 B gradient + 8 B AdamW (m, v in fp32)      = 16 B per trainable param
+    frozen parameters stay in the dtype they are held in (their load dtype, e.g. a frozen
+    bf16 LLM 2 B; fp32 where precision.py upcasts them: a trained component wholly, FSDP's
+    root unit and units holding trainable parameters; 32-true under FSDP: everything)
+    DeepSpeed casts the module to the compute dtype and keeps the fp32 masters in its
+    optimizer: 2 B weight + 2 B gradient + 12 B (master, m, v) per trainable param in 16 bit,
+    4 + 4 + 8 in 32-true; frozen 2 B (4 B in 32-true)
+    QLoRA (stage.quantize): the LLM's linear weights (lm_head excepted) bits/8 B, the rest of
+    the LLM fp32 (peft's prepare_model_for_kbit_training)
 
-    weights = P * weight, grads = T * grad, optimizer = T * optimizer
+    N = world size (devices x nodes)
     ddp              weights + grads + optimizer
     deepspeed_zero1  weights + grads + optimizer / N
     deepspeed_zero2  weights + (grads + optimizer) / N
     fsdp, zero3      (weights + grads + optimizer) / N
 
-plus a rough activation term for one micro batch (b sequences of s tokens), after Korthikanti
-et al. 2022 for a fused (SDPA/flash) attention kernel without recomputation: 34 * b * s * h
-bytes per transformer layer in 16 bit (x2 in fp32), for the LLM always (gradients reach the
-connector through it) and for the encoder (b * image tokens) only when it trains, plus fp32
-logits and their gradient (8 * b * s * vocab). With `checkpointing`, only each layer's input
-(2 * b * s * h) is kept, plus one layer's full activations. Buffers, the CUDA context,
-fragmentation and communication buckets are not counted: treat the total as a lower bound.
+plus compute copies: FSDP all-gathers each shard unit in the compute dtype (the root stays
+gathered, about two blocks are in flight), ZeRO-3 about two blocks; DDP under *-mixed keeps
+autocast's 16-bit casts of the fp32 trainable weights from forward to backward, and its
+gradient buckets are a second copy of the gradients (Lightning leaves gradient_as_bucket_view
+off).
+
+Activations of one micro batch (b sequences of s tokens), after Korthikanti et al. 2022 for a
+fused (SDPA/flash) attention kernel: 34 * b * s * h bytes per transformer layer in 16 bit (x2
+in fp32). Counted for the LLM whenever anything trains (gradients reach the connector through
+it) and for the encoder (b x image tokens) only when it trains. Components that
+`stage.gradient_checkpointing` checkpoints (the rule of stages.checkpointed_components) keep
+only each layer's input (b * s * h in the residual stream's dtype: fp32 under DDP when the
+LLM's weights are fp32, else the compute dtype) plus one layer's full activations during the
+recompute. The loss path keeps the final hidden states and one chunk's fp32 logits and their
+gradient: 8 * min(chunk, b * s) * vocab (head and cross-entropy run over checkpointed chunks
+of target positions, `VisionLanguageModel.loss_chunk_size`, never the whole (b, s, vocab)
+tensor). The CUDA context, fragmentation,
+temporary buffers and communication buckets other than DDP's are not counted: treat the
+total as a lower bound.
 """
 
 from __future__ import annotations
@@ -48,8 +65,13 @@ COMPONENTS = ("encoder", "connector", "llm")
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 GB = 1e9
 
-# precision family -> bytes per parameter (weight, gradient, optimizer state); see module doc
-BYTES = {"32-true": (4, 4, 8), "mixed": (2, 2, 12), "16-true": (2, 2, 4)}
+# bytes per trainable parameter (weight, gradient, optimizer state); see module doc
+MASTER_BYTES = (4, 4, 8)  # fp32 master + fp32 gradient + AdamW m, v (DDP, FSDP; any 32-true)
+DEEPSPEED_HALF_BYTES = (2, 2, 12)  # 16-bit module + 16-bit gradient + fp32 master, m, v
+# Target positions per chunk of the LLM head + cross-entropy when the model does not say
+# (`VisionLanguageModel.loss_chunk_size`): the loss never holds the whole (B, T, vocab)
+# logits, only one (checkpointed) chunk's fp32 logits and their gradient.
+LOSS_CHUNK = 1024
 
 
 @dataclass
@@ -59,11 +81,15 @@ class MemoryEstimate:
     precision: str
     micro_batch: int
     seq_len: int
-    checkpointing: bool
-    bytes_per_param: dict[str, int]
+    checkpointing: bool  # stage.gradient_checkpointing
+    checkpointed: list[str]  # the components it applies to (stages.checkpointed_components)
+    master_weights: str  # where the fp32 masters of trainable parameters live
+    dtypes: dict[str, dict[str, int]]  # component -> dtype as held -> parameters
+    bytes_per_param: dict[str, int]  # per trainable parameter
     weights_gb: float
     gradients_gb: float
     optimizer_gb: float
+    compute_copies_gb: float
     activations_gb: float
     total_gb: float
     notes: list[str] = field(default_factory=list)
@@ -104,7 +130,7 @@ def _config_strategy(trainer: DictConfig) -> Any:
 
 
 def normalize_precision(value: Any) -> str:
-    """Lightning precision (32, '32-true', 'bf16-mixed', '16-true', ...) -> a key of BYTES."""
+    """Lightning precision (32, '32-true', 'bf16-mixed', '16-true', ...) -> its family."""
     name = str(value).lower()
     if "mixed" in name:
         return "mixed"
@@ -231,25 +257,98 @@ def build_meta_model(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     return VisionLanguageModel(encoder, connector, llm, image_token_id), info
 
 
+def _blocks(module: Any) -> list[Any]:
+    from vlmlab.stages.policy import blocks_of
+
+    found = blocks_of(module)
+    return list(found[1]) if found else []
+
+
+def _quantized_weights(model: Any) -> set[int]:
+    """ids of the LLM weights bitsandbytes quantizes: every nn.Linear weight but the head's."""
+    head = model.llm.get_output_embeddings()
+    return {
+        id(module.weight)
+        for name, module in model.llm.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head and ".lora_" not in name
+    }
+
+
+def _residual_bytes(held_fp32: bool, strategy: str, family: str) -> int:
+    """Bytes per element of the residual stream a checkpointed layer keeps as its input.
+
+    Under DDP with *-mixed, autocast computes matmuls in 16 bit but the residual adds follow
+    the fp32 embeddings/norms when the weights are held in fp32; FSDP and DeepSpeed compute
+    with 16-bit weights throughout.
+    """
+    if family == "32-true":
+        return 4
+    return 4 if strategy == "ddp" and held_fp32 else 2
+
+
 def _activation_bytes(
-    model: Any, micro_batch: int, seq_len: int, act_bytes: int, checkpointing: bool
+    model: Any,
+    micro_batch: int,
+    seq_len: int,
+    act_bytes: int,
+    checkpointed: list[str],
+    strategy: str,
+    family: str,
+    quantized: bool = False,
 ) -> float:
     """Rough activation memory of one micro batch (see the module docstring)."""
 
-    def stack(tokens: int, hidden: int, layers: int) -> float:
+    def stack(tokens: int, hidden: int, layers: int, checkpoint: bool, residual: int) -> float:
         per_layer = 34 * tokens * hidden * act_bytes / 2
-        if checkpointing:
-            return layers * tokens * hidden * act_bytes + per_layer
+        if checkpoint:
+            return layers * tokens * hidden * residual + per_layer
         return layers * per_layer
 
     text = model.llm.config.get_text_config()
-    total = stack(micro_batch * seq_len, text.hidden_size, text.num_hidden_layers)
-    total += 8 * micro_batch * seq_len * model.llm.get_output_embeddings().out_features
+    tokens = micro_batch * seq_len
+    embedding = model.llm.get_input_embeddings().weight
+    # fp32 embeddings: trained (master weights), loaded so, or QLoRA's prepare step
+    held_fp32 = quantized or embedding.requires_grad or embedding.dtype == torch.float32
+    residual = _residual_bytes(held_fp32, strategy, family)
+    total = stack(tokens, text.hidden_size, text.num_hidden_layers, "llm" in checkpointed, residual)
+    total += tokens * text.hidden_size * act_bytes  # final hidden states, input of the head
+    vocab = model.llm.get_output_embeddings().out_features
+    chunk = int(getattr(model, "loss_chunk_size", LOSS_CHUNK))
+    total += 8 * min(chunk, tokens) * vocab  # one chunk's fp32 logits + their gradient
     if any(p.requires_grad for p in model.encoder.parameters()):
-        vcfg = getattr(getattr(model.encoder, "vision", None), "config", None)
-        layers = getattr(vcfg, "num_hidden_layers", 0)
-        total += stack(micro_batch * model.encoder.num_tokens, model.encoder.hidden_size, layers)
+        vision = next(model.encoder.parameters())
+        layers = len(_blocks(model.encoder))
+        total += stack(
+            micro_batch * model.encoder.num_tokens,
+            model.encoder.hidden_size,
+            layers,
+            "encoder" in checkpointed,
+            _residual_bytes(
+                vision.requires_grad or vision.dtype == torch.float32, strategy, family
+            ),
+        )
     return total
+
+
+def _dtypes(
+    model: Any, quantized: set[int], bits: int | None, frozen_dtype: str | None
+) -> dict[str, dict[str, int]]:
+    """component -> dtype as held in training -> parameter count (`frozen_dtype`: DeepSpeed's module dtype)."""
+    out: dict[str, dict[str, int]] = {}
+    for name in COMPONENTS:
+        counts: dict[str, int] = {}
+        for param in getattr(model, name).parameters():
+            if id(param) in quantized:
+                key = f"int{bits}"
+            elif frozen_dtype:
+                key = frozen_dtype  # DeepSpeed holds the whole module so (masters: optimizer)
+            elif param.requires_grad or (quantized and name == "llm"):
+                key = "float32"  # master weights; QLoRA's prepare step upcasts the LLM's rest
+            else:
+                key = str(param.dtype).removeprefix("torch.")
+            counts[key] = counts.get(key, 0) + param.numel()
+        out[name] = counts
+    return out
 
 
 def estimate_memory(
@@ -260,14 +359,50 @@ def estimate_memory(
     micro_batch: int,
     seq_len: int,
     checkpointing: bool = False,
+    quantize_bits: int | None = None,
 ) -> MemoryEstimate:
-    """Per-GPU memory of training `model` as currently frozen/unfrozen (formula: module doc)."""
+    """Per-GPU memory of training `model` as currently frozen/unfrozen (formula: module doc).
+
+    Frozen parameters count in the dtype they are held in; call
+    training.precision.apply_master_weights on the model first to hold them as training
+    does (`plan` does). `checkpointing` is stage.gradient_checkpointing: which components it
+    reaches follows stages.checkpointed_components.
+    """
+    from vlmlab.stages.policy import checkpointed_components
+    from vlmlab.training.precision import check_precision
+
     strategy = normalize_strategy(strategy)
     family = normalize_precision(precision)
-    weight_b, grad_b, optim_b = BYTES[family]
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights, grads, optim = total * weight_b, trainable * grad_b, trainable * optim_b
+    deepspeed = strategy.startswith("deepspeed")
+    check_precision(str(precision), "deepspeed" if deepspeed else strategy)
+    compute = 4 if family == "32-true" else 2
+    if deepspeed:
+        per_trainable = MASTER_BYTES if family == "32-true" else DEEPSPEED_HALF_BYTES
+    else:
+        per_trainable = MASTER_BYTES
+    weight_b, grad_b, optim_b = per_trainable
+    quantized = _quantized_weights(model) if quantize_bits else set()
+    llm_params = {id(p) for p in model.llm.parameters()} if quantize_bits else set()
+    weights = grads = optim = 0.0
+    trainable = 0
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        count = param.numel()
+        if id(param) in quantized:
+            weights += count * (quantize_bits or 16) / 8
+        elif param.requires_grad:
+            trainable += count
+            weights += count * weight_b
+        elif deepspeed:
+            weights += count * compute
+        elif id(param) in llm_params:
+            weights += count * 4  # prepare_model_for_kbit_training keeps the rest fp32
+        else:
+            weights += count * param.element_size()
+    grads, optim = trainable * grad_b, trainable * optim_b
     n = max(1, world_size)
     if strategy in ("fsdp", "deepspeed_zero3"):
         weights, grads, optim = weights / n, grads / n, optim / n
@@ -275,11 +410,45 @@ def estimate_memory(
         grads, optim = grads / n, optim / n
     elif strategy == "deepspeed_zero1":
         optim = optim / n
-    act_bytes = 4 if family == "32-true" else 2
-    activations = _activation_bytes(model, micro_batch, seq_len, act_bytes, checkpointing)
+    units = [*_blocks(model.llm), *_blocks(model.encoder)]
+    largest = max((sum(p.numel() for p in u.parameters()) for u in units), default=0)
     notes = []
+    copies = 0.0
+    if strategy == "fsdp":
+        in_units = {id(p) for u in units for p in u.parameters()}
+        root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
+        copies = compute * (root + 2 * largest)
+        notes.append(
+            "fsdp: the root unit (connector, embeddings, head, norms) stays all-gathered; "
+            "about two blocks are gathered at a time."
+        )
+    elif strategy == "deepspeed_zero3":
+        copies = compute * 2 * largest
+    elif strategy == "ddp":
+        copies = trainable * grad_b  # gradient buckets (gradient_as_bucket_view off)
+        if family != "32-true":
+            copies += trainable * 2  # autocast's 16-bit casts of the fp32 trainable weights
+    checkpointed = checkpointed_components(model) if checkpointing else []
+    activations = _activation_bytes(
+        model,
+        micro_batch,
+        seq_len,
+        compute,
+        checkpointed,
+        strategy,
+        family,
+        quantized=bool(quantize_bits),
+    )
     if n == 1 and strategy != "ddp":
         notes.append(f"{strategy} on one GPU shards nothing.")
+    if deepspeed:
+        masters = (
+            "fp32 in DeepSpeed's optimizer (module held in 16 bit)"
+            if family != "32-true"
+            else "fp32 (32-true)"
+        )
+    else:
+        masters = "fp32 (every trainable parameter; frozen ones keep their dtype)"
     return MemoryEstimate(
         strategy=strategy,
         world_size=n,
@@ -287,14 +456,28 @@ def estimate_memory(
         micro_batch=micro_batch,
         seq_len=seq_len,
         checkpointing=checkpointing,
+        checkpointed=checkpointed,
+        master_weights=masters,
+        dtypes=_dtypes(
+            model,
+            quantized,
+            quantize_bits,
+            ("bfloat16" if compute == 2 else "float32") if deepspeed else None,
+        ),
         bytes_per_param={"weight": weight_b, "gradient": grad_b, "optimizer": optim_b},
         weights_gb=weights / GB,
         gradients_gb=grads / GB,
         optimizer_gb=optim / GB,
+        compute_copies_gb=copies / GB,
         activations_gb=activations / GB,
-        total_gb=(weights + grads + optim + activations) / GB,
+        total_gb=(weights + grads + optim + copies + activations) / GB,
         notes=notes,
     )
+
+
+def _precision_strategy(strategy: str) -> str:
+    """The plan's strategy name in training/precision.py's words."""
+    return "deepspeed" if strategy.startswith("deepspeed") else strategy
 
 
 def plan(
@@ -310,13 +493,26 @@ def plan(
 
     Unset arguments come from the composed config: trainer.strategy/devices/num_nodes/precision,
     data.batch_size (micro batch), data.max_length (sequence length) and
-    stage.gradient_checkpointing (`checkpointing=True` forces it on).
+    stage.gradient_checkpointing (`checkpointing=True` forces it on). A stage/trainer pair
+    training would refuse before building (QLoRA under FSDP or ZeRO-3) raises here too.
     """
     from vlmlab import stages
+    from vlmlab.training.precision import apply_master_weights
 
     started = time.perf_counter()
+    chosen = normalize_strategy(strategy or _config_strategy(cfg.trainer))
+    trainer_view: Any = {"strategy": chosen} if strategy else cfg.trainer
+    problems = stages.config_problems(cfg.stage, trainer_view)
+    if problems:
+        raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
+    precision = precision or str(cfg.trainer.get("precision", "32-true"))
     model, info = build_meta_model(cfg)
-    stages.apply(cfg.stage, model)
+    stages.apply(cfg.stage, model, machine_checks=False)
+    quantize = _plain(cfg.stage.get("quantize")) or None
+    bits = int(quantize.get("bits", 4)) if quantize else None
+    wrap = list((cfg.trainer.get("fsdp") or {}).get("wrap") or ["llm", "encoder"])
+    units = [u for c in ("encoder", "llm") if c in wrap for u in _blocks(getattr(model, c))]
+    apply_master_weights(model, precision, _precision_strategy(chosen), shard_units=units)
     components = {}
     for name in COMPONENTS:
         module = getattr(model, name)
@@ -326,12 +522,13 @@ def plan(
         }
     memory = estimate_memory(
         model,
-        strategy=strategy or _config_strategy(cfg.trainer),
+        strategy=chosen,
         world_size=gpus if gpus is not None else _world_size(cfg.trainer),
-        precision=precision or str(cfg.trainer.get("precision", "32-true")),
+        precision=precision,
         micro_batch=micro_batch or int(cfg.data.get("batch_size", 1)),
         seq_len=seq_len or int(cfg.data.get("max_length", 2048)),
         checkpointing=checkpointing or bool(cfg.stage.get("gradient_checkpointing", False)),
+        quantize_bits=bits,
     )
     choices = {}
     try:
@@ -358,6 +555,13 @@ def plan(
     }
 
 
+def _checkpointing_line(mem: dict[str, Any]) -> str:
+    if not mem["checkpointing"]:
+        return "activation checkpointing: off (stage.gradient_checkpointing=false)"
+    on = ", ".join(mem["checkpointed"]) or "none (nothing trains)"
+    return f"activation checkpointing: {on} (stage.gradient_checkpointing=true; every component gradients flow through)"
+
+
 def format_plan(result: dict[str, Any]) -> str:
     """The human-readable plan: the stage table, image tokens and the memory breakdown."""
     from vlmlab.stages.policy import format_table
@@ -373,22 +577,32 @@ def format_plan(result: dict[str, Any]) -> str:
     ]
     mem = result["memory"]
     parts = " ".join(f"{k}={v}" for k, v in result["composition"].items())
+    held = "; ".join(
+        f"{c} " + ", ".join(f"{d} {n:,}" for d, n in sorted(counts.items()))
+        for c, counts in mem["dtypes"].items()
+    )
+    per = mem["bytes_per_param"]
     lines = [
         f"plan: {parts or 'composition'} (stage {result['stage']})",
         format_table(rows),
         f"image tokens per sample: {result['image_tokens']}",
         f"vocabulary: {result['vocab_size']} ({result['vocab_source']})",
         "",
+        f"master weights: {mem['master_weights']}",
+        f"parameters as held: {held}",
+        _checkpointing_line(mem),
+        "",
         f"memory per GPU, {mem['strategy']} x {mem['world_size']}, {mem['precision']}, "
-        f"micro batch {mem['micro_batch']} x {mem['seq_len']} tokens"
-        f"{', activation checkpointing' if mem['checkpointing'] else ''}:",
-        f"  weights      {mem['weights_gb']:9.2f} GB  ({mem['bytes_per_param']['weight']} B/param)",
-        f"  gradients    {mem['gradients_gb']:9.2f} GB  "
-        f"({mem['bytes_per_param']['gradient']} B/trainable param)",
-        f"  optimizer    {mem['optimizer_gb']:9.2f} GB  "
-        f"({mem['bytes_per_param']['optimizer']} B/trainable param, AdamW)",
-        f"  activations  {mem['activations_gb']:9.2f} GB  (rough, see `vlmlab.plan` docs)",
-        f"  total        {mem['total_gb']:9.2f} GB",
+        f"micro batch {mem['micro_batch']} x {mem['seq_len']} tokens:",
+        f"  weights        {mem['weights_gb']:9.2f} GB  "
+        f"({per['weight']} B/trainable param, frozen as held)",
+        f"  gradients      {mem['gradients_gb']:9.2f} GB  ({per['gradient']} B/trainable param)",
+        f"  optimizer      {mem['optimizer_gb']:9.2f} GB  "
+        f"({per['optimizer']} B/trainable param, AdamW)",
+        f"  compute copies {mem['compute_copies_gb']:9.2f} GB  "
+        "(gathered shards / autocast casts / DDP buckets)",
+        f"  activations    {mem['activations_gb']:9.2f} GB  (rough, see `vlmlab.plan` docs)",
+        f"  total          {mem['total_gb']:9.2f} GB",
     ]
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)

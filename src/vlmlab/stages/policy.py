@@ -4,6 +4,11 @@ A stage is data (conf/stage/*.yaml). `apply` validates the whole policy against 
 model and raises one ConfigError listing every problem, each naming its key, before anything
 trains. Then it wraps LoRA adapters, sets `requires_grad`, enables gradient checkpointing and
 returns the optimizer parameter groups and the per-component parameter table.
+
+Gradient checkpointing (`stage.gradient_checkpointing`) applies to every component that
+gradients flow *through* (`checkpointed_components`), not only those that train: in stage 1
+the frozen LLM carries the loss back to the connector and would otherwise keep every layer's
+activations. `vlmlab plan` uses the same rule for its activation estimate.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class StagePlan:
     groups: list[dict[str, Any]] = field(default_factory=list)  # {name, params, lr, weight_decay}
     table: list[dict[str, Any]] = field(default_factory=list)
     lora: dict[str, Any] | None = None  # the resolved LoRA config (recorded in checkpoints)
+    # components with activation checkpointing (checkpointed_components)
+    checkpointed: list[str] = field(default_factory=list)
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -149,12 +156,15 @@ def unused_parameters(model: nn.Module) -> set[str]:
     return unused
 
 
-def _quantize_problems(spec: dict[str, Any]) -> list[str]:
+def _quantize_problems(spec: dict[str, Any], machine: bool = True) -> list[str]:
+    """QLoRA settings; with `machine`, also whether this machine can load 4/8-bit weights."""
     if not spec:
         return []
     problems = []
     if int(spec.get("bits", 4)) not in (4, 8):
         problems.append("stage.quantize.bits: use 4 (QLoRA, nf4) or 8.")
+    if not machine:
+        return problems
     if not torch.cuda.is_available():
         problems.append(
             "stage.quantize: 4/8-bit base weights (QLoRA) need a CUDA GPU and bitsandbytes; "
@@ -168,21 +178,87 @@ def _quantize_problems(spec: dict[str, Any]) -> list[str]:
     return problems
 
 
-def check_before_build(policy: Any) -> None:
-    """Problems visible without a model (e.g. QLoRA on a CPU machine): fail before loading weights."""
-    problems = _quantize_problems(_as_dict(_as_dict(policy).get("quantize")))
+def _zero_stage(trainer: Any) -> int:
+    """The ZeRO stage a `deepspeed` trainer runs (trainer.deepspeed.stage, DeepSpeed's default 2)."""
+    return int(_as_dict(trainer.get("deepspeed")).get("stage", 2) or 2)
+
+
+def sharding_problem(quantize: Any, strategy: str, zero_stage: int | None = None) -> str | None:
+    """Why quantized (bitsandbytes) base weights can't train under `strategy`, or None.
+
+    `strategy` is the trainer's (`fsdp`, `deepspeed`, `ddp`, ... or the plan's
+    `deepspeed_zero3`). bitsandbytes stores 4-bit weights packed two per uint8 element
+    (Params4bit) with their scales in a separate `quant_state`: FSDP2's `fully_shard` and
+    ZeRO-3's partitioning slice the packed tensor and lose the state, so both are refused.
+    DDP and ZeRO-1/2 replicate the frozen base and shard only trainable state: they work.
+    """
+    if not quantize:
+        return None
+    bits = int(_as_dict(quantize).get("bits", 4))
+    kind = (
+        "4-bit bitsandbytes weights (two per uint8 element in Params4bit, scales in quant_state)"
+        if bits == 4
+        else f"{bits}-bit bitsandbytes weights (Int8Params with separate scales)"
+    )
+    name = str(strategy).lower()
+    if name.startswith("fsdp") or name in ("model_parallel", "modelparallelstrategy"):
+        return (
+            f"stage.quantize with trainer.strategy={strategy}: {kind} can't be sharded by "
+            "FSDP2's fully_shard. Use trainer=ddp (the quantized base is replicated, only the "
+            "LoRA state trains) or trainer=deepspeed_zero2, or drop stage.quantize "
+            "(stage=2_lora) to shard with FSDP."
+        )
+    if name.startswith("deepspeed"):
+        stage = zero_stage
+        if "zero3" in name or "stage_3" in name:
+            stage = 3
+        if stage == 3:
+            return (
+                f"stage.quantize with trainer.strategy={strategy}, trainer.deepspeed.stage=3: "
+                f"ZeRO-3 partitions every parameter and can't partition {kind}. Use "
+                "trainer=deepspeed_zero2 (or trainer.deepspeed.stage=2) or trainer=ddp."
+            )
+    return None
+
+
+def config_problems(policy: Any, trainer: Any | None = None) -> list[str]:
+    """Problems the stage (and trainer) config show on any machine; `vlmlab plan` reports them."""
+    stage = _as_dict(policy)
+    quantize = _as_dict(stage.get("quantize"))
+    problems = _quantize_problems(quantize, machine=False)
+    if quantize and trainer is not None:
+        strategy = str(trainer.get("strategy", "auto"))
+        problem = sharding_problem(quantize, strategy, _zero_stage(trainer))
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def check_before_build(policy: Any, trainer: Any | None = None) -> None:
+    """Problems visible without a model: fail before loading weights, listing all of them.
+
+    E.g. QLoRA on a CPU machine (needs a CUDA GPU) and QLoRA under FSDP or ZeRO-3 (can't
+    shard 4-bit weights) in one message. `trainer` is `cfg.trainer` (None: stage checks only).
+    """
+    quantize = _as_dict(_as_dict(policy).get("quantize"))
+    problems = _quantize_problems(quantize)
+    problems += [p for p in config_problems(policy, trainer) if p not in problems]
     if problems:
         raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
 
 
-def apply(policy: Any, model: nn.Module) -> StagePlan:
-    """Validate `policy` (the stage config) against `model`, then enforce it."""
+def apply(policy: Any, model: nn.Module, machine_checks: bool = True) -> StagePlan:
+    """Validate `policy` (the stage config) against `model`, then enforce it.
+
+    `machine_checks=False` (`vlmlab plan` on a meta model) skips what depends on this machine
+    (a GPU for QLoRA), so a QLoRA run can be planned on a laptop.
+    """
     stage = _as_dict(policy)
     problems = _unknown_keys(stage, STAGE_KEYS, "stage")
     problems += _unknown_keys(_as_dict(stage.get("optim")), OPTIM_KEYS, "stage.optim")
     lora_spec = _as_dict(stage.get("lora"))
     problems += _unknown_keys(lora_spec, LORA_KEYS, "stage.lora")
-    problems += _quantize_problems(_as_dict(stage.get("quantize")))
+    problems += _quantize_problems(_as_dict(stage.get("quantize")), machine=machine_checks)
     if stage.get("quantize") and not lora_spec:
         problems.append(
             "stage.quantize: quantized base weights only train through LoRA; set stage.lora."
@@ -264,11 +340,16 @@ def apply(policy: Any, model: nn.Module) -> StagePlan:
     keep = set(trainable)
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
+    checkpointed = []
     if stage.get("gradient_checkpointing"):
-        _enable_gradient_checkpointing(model)
+        checkpointed = _enable_gradient_checkpointing(model)
     model.train()  # re-evaluates frozen-encoder eval mode
     return StagePlan(
-        trainable=trainable, groups=groups, table=parameter_table(model), lora=resolved_lora
+        trainable=trainable,
+        groups=groups,
+        table=parameter_table(model),
+        lora=resolved_lora,
+        checkpointed=checkpointed,
     )
 
 
@@ -319,25 +400,60 @@ def _param_groups(
     return groups
 
 
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    for component in COMPONENTS:
-        module = getattr(model, component, None)
-        if module is None or not any(p.requires_grad for p in module.parameters()):
-            continue
-        inner = getattr(module, "vision", module)
-        if hasattr(inner, "set_grad_checkpointing"):  # timm
+def checkpointed_components(model: nn.Module) -> list[str]:
+    """Components gradients flow through, which `stage.gradient_checkpointing` checkpoints.
+
+    The LLM whenever anything trains: it comes last, so the loss reaches a trainable connector
+    or encoder through it even when it is frozen, and without checkpointing it keeps every
+    layer's activations (LLaVA's stage 1). The encoder only when some of its parameters train:
+    a frozen encoder runs under no_grad and keeps nothing. The connector is a few layers.
+    """
+
+    def trains(name: str) -> bool:
+        module = getattr(model, name, None)
+        return module is not None and any(p.requires_grad for p in module.parameters())
+
+    found = []
+    if trains("encoder"):
+        found.append("encoder")
+    if getattr(model, "llm", None) is not None and any(trains(c) for c in COMPONENTS):
+        found.append("llm")
+    return found
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> list[str]:
+    """Non-reentrant activation checkpointing on each block of the components that need it."""
+    enabled = []
+    for component in checkpointed_components(model):
+        module = getattr(model, component)
+        if hasattr(module, "get_base_model"):  # peft-wrapped (LoRA): the model with adapters
+            module = module.get_base_model()
+        inner = getattr(module, "vision", module) if component == "encoder" else module
+        if hasattr(inner, "set_grad_checkpointing"):  # timm (TimmVisionEncoder reads the flag)
             inner.set_grad_checkpointing(True)
+        elif hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5
+            inner.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         elif hasattr(inner, "gradient_checkpointing_enable"):
-            if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5 name
-                inner.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
-            else:
-                inner.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-            if hasattr(inner, "enable_input_require_grads"):
-                inner.enable_input_require_grads()
+            inner.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            raise ConfigError(
+                "stage.gradient_checkpointing",
+                f"the {component} ({type(inner).__name__}) has no activation checkpointing.",
+                "set stage.gradient_checkpointing=false.",
+            )
+        # transformers hooks the input embeddings to make their output require grad: only
+        # reentrant checkpointing needs that. Non-reentrant checkpointing recomputes correctly
+        # without it, and the hook would turn frozen embeddings into extra leaves needing grads.
+        if hasattr(inner, "disable_input_require_grads"):
+            inner.disable_input_require_grads()
+        enabled.append(component)
+    if enabled:
+        log.info("activation checkpointing on: %s", ", ".join(enabled))
+    return enabled
 
 
 def parameter_table(model: nn.Module) -> list[dict[str, Any]]:

@@ -10,7 +10,9 @@ about 2 x layers x seq x hidden per token, are left out, as in the usual 6ND con
         input gradients      2 x N_c x T_c   if c or a component before it trains, else 0
 
 N_c counts matmul parameters: embedding lookups are not matmuls and are left out, except an
-input embedding tied to the output head, which is counted once as the head. A fully trained
+input embedding tied to the output head, which is counted once as the head. Quantized weights
+count their logical elements: a bitsandbytes 4-bit weight (Params4bit) stores two per uint8
+element, its `quant_state.shape` is the matmul's shape (QLoRA). A fully trained
 model gets the familiar 6 N T; LLaVA stage 1 (connector only) gets 4 N_llm T for the LLM (its
 forward, and the input gradients that carry the loss back to the connector) and 2 N_enc T for
 the frozen encoder (forward only).
@@ -35,6 +37,19 @@ from torch import nn
 COMPONENTS = ("encoder", "connector", "llm")
 
 
+def logical_numel(param: torch.Tensor) -> int:
+    """Weights a parameter stands for: `numel()`, except a quantized bitsandbytes Params4bit,
+    whose packed uint8 storage holds two 4-bit weights per element; its `quant_state.shape` is
+    the original (out, in) shape. (Int8Params hold one weight per element: numel is right.)"""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    if shape is not None:
+        count = 1
+        for size in shape:
+            count *= int(size)
+        return count
+    return param.numel()
+
+
 def matmul_params(module: nn.Module, head: nn.Module | None = None) -> tuple[int, int]:
     """(all, trainable) parameters used in matmuls: embedding tables left out unless tied to `head`."""
     head_weight = getattr(head, "weight", None)
@@ -47,8 +62,9 @@ def matmul_params(module: nn.Module, head: nn.Module | None = None) -> tuple[int
         if id(param) in seen or id(param) in lookup:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        count = logical_numel(param)
+        total += count
+        trainable += count if param.requires_grad else 0
     return total, trainable
 
 
