@@ -335,6 +335,81 @@ def test_chat_unknown_image_exits_2(trained: dict[str, Any], tmp_path: Path, cap
     assert "no.png" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- --device / --dtype
+
+
+def _colour_question(trained: dict[str, Any]) -> tuple[Path, list[str]]:
+    heldout = json.loads((trained["shapes"] / "heldout.json").read_text())[0]
+    image = trained["shapes"] / "images" / heldout["image"]
+    return image, ["--prompt", "What colour is the shape?", "--max-new-tokens", "6"]
+
+
+def test_eval_and_chat_run_on_the_device_given(
+    trained: dict[str, Any], tmp_path: Path, capsys
+) -> None:
+    ckpt = trained["result"]["checkpoint"]
+    image, prompt = _colour_question(trained)
+    assert _verb(["chat", ckpt, str(image), *prompt]) == 0
+    default = capsys.readouterr().out
+    assert _verb(["chat", ckpt, str(image), *prompt, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == default  # the default here (no GPU) is cpu
+    bench = write_synthetic(trained["shapes"], tmp_path / "bench")["shapes_colour"]
+    args = ["eval", ckpt, "--bench", str(bench), "--out", str(tmp_path / "out")]
+    assert _verb([*args, "--max-samples", "4", "--device", "cpu", "--dtype", "float32"]) == 0
+    settings = json.loads((tmp_path / "out" / "shapes_colour" / "summary.json").read_text())
+    assert settings["settings"]["device"] == "cpu" and settings["settings"]["dtype"] == "float32"
+    loaded = load_model(ckpt, device="cpu")
+    assert loaded.device == torch.device("cpu") and not loaded.model.training
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_a_device_this_machine_lacks_is_refused_naming_device(
+    trained: dict[str, Any], tmp_path: Path, capsys
+) -> None:
+    ckpt = trained["result"]["checkpoint"]
+    image, prompt = _colour_question(trained)
+    for device, words in (("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("tpu9", "not a")):
+        assert _verb(["chat", ckpt, str(image), *prompt, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vlmlab chat: --device:") and words in err, err
+    bench = write_synthetic(trained["shapes"], tmp_path / "bench")["shapes_colour"]
+    args = ["eval", ckpt, "--bench", str(bench), "--out", str(tmp_path / "out")]
+    assert _verb([*args, "--device", "cuda"]) == 2
+    assert "vlmlab eval: --device: cuda: no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_a_bf16_model_generates_on_cpu(trained: dict[str, Any], capsys) -> None:
+    """--dtype bfloat16: every part computes in bf16 (pixels cast to the encoder's dtype)."""
+    ckpt = trained["result"]["checkpoint"]
+    image, prompt = _colour_question(trained)
+    assert _verb(["chat", ckpt, str(image), *prompt, "--dtype", "bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    bf16 = load_model(ckpt, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    with Image.open(image) as opened:
+        request = Request(
+            [Turn("human", "<image>\nWhat colour is the shape?")], opened.convert("RGB")
+        )
+    (answer,) = bf16.generator()([request], GenerationConfig(max_new_tokens=6))
+    assert printed == answer + "\n"
+    # the same prompt's next-token logits in bf16 and fp32 agree to bf16 precision
+    fp32 = load_model(ckpt, device="cpu")
+    logits = []
+    for loaded in (fp32, bf16):
+        gen = loaded.generator()
+        ids = gen.prompt_ids(request)[None]
+        pixels = gen.image_transform(request.image)[None].to(
+            next(loaded.model.encoder.parameters()).dtype
+        )
+        with torch.no_grad():
+            out = loaded.model(ids, torch.ones_like(ids), pixels)
+        logits.append(out.logits[0, -1].float())
+    assert torch.allclose(logits[0], logits[1], atol=0.1, rtol=0.05), (
+        (logits[0] - logits[1]).abs().max()
+    )
+
+
 # ----------------------------------------------------------------------------- loading
 
 

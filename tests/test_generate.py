@@ -128,6 +128,27 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(mlp_generator: Generator) -> N
     assert _ids(mlp_generator, requests, no_cache) == first
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_makes_every_tensor_on_the_models_device(
+    mlp_generator: Generator, use_cache: bool
+) -> None:
+    """What a GPU run needs, checked on CPU: under `torch.device("meta")` a tensor made without
+    `device=` lands on meta and the first op mixing it with the model's CPU tensors raises
+    (verified by dropping `device=` from one torch.tensor call). Same tokens as without it."""
+    gen = mlp_generator
+    requests = _requests()
+    prompts = [gen.prompt_ids(r) for r in requests]
+    pixels = torch.stack([gen.image_transform(r.image) for r in requests if r.image is not None])
+    config = GenerationConfig(
+        max_new_tokens=NEW, temperature=1.0, top_k=50, top_p=0.9, seed=0, use_cache=use_cache
+    )
+    pad = gen.tokenizer.pad_token_id
+    expected = generate_ids(gen.model, prompts, pixels, config, pad)
+    with torch.device("meta"):
+        got = generate_ids(gen.model, prompts, pixels, config, pad)
+    assert got == expected
+
+
 def test_stop_string_across_tokens_cuts_text_and_generation(mlp_generator: Generator) -> None:
     gen = mlp_generator
     tokenizer = gen.tokenizer

@@ -13,8 +13,8 @@ log = logging.getLogger("vlmlab")
 
 VERBS = {
     "train": "train one stage: vlmlab train [hydra overrides], same as `python train.py ...`",
-    "eval": "score benchmarks: vlmlab eval CKPT --bench FILE.jsonl --out DIR (--make-synthetic DIR)",
-    "chat": "talk about an image: vlmlab chat CKPT IMAGE [--prompt TEXT]",
+    "eval": "score benchmarks: vlmlab eval CKPT --bench FILE.jsonl --out DIR [--device D --dtype T] (--make-synthetic DIR)",
+    "chat": "talk about an image: vlmlab chat CKPT IMAGE [--prompt TEXT] [--device D --dtype T]",
     "demo": "run the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy",
     "merge": "fold a checkpoint chain (LoRA adapters included) into one model: vlmlab merge CKPT --out DIR",
     "plan": "parameters, trainable parameters and memory per GPU of a composition, no download",

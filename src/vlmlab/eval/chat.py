@@ -16,6 +16,7 @@ from PIL import Image
 from vlmlab.data.templates import IMAGE_PLACEHOLDER, Turn
 from vlmlab.errors import ConfigError
 from vlmlab.eval.generate import GenerationConfig, Generator, Request
+from vlmlab.eval.loading import add_device_arguments, load_model
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> int:
         "--template", help="chat template (default: the one the model trained with)"
     )
     parser.add_argument("--tracking-uri", help="MLflow store for run ids")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     from vlmlab.logs import setup_logging
 
@@ -102,9 +104,9 @@ def main(argv: list[str]) -> int:
             stop=tuple(args.stop),
         )
         config.check()
-        from vlmlab.eval.loading import load_model
-
-        loaded = load_model(args.checkpoint, args.tracking_uri, args.template)
+        loaded = load_model(
+            args.checkpoint, args.tracking_uri, args.template, device=args.device, dtype=args.dtype
+        )
     except (ConfigError, OSError) as err:
         print(f"vlmlab chat: {err}", file=sys.stderr)
         return 2

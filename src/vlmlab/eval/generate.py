@@ -97,9 +97,11 @@ def generate_ids(
     `should_stop(row, ids)` ends a row after a token (e.g. when its text holds a stop string).
     """
     config.check()
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # every tensor below is made on it
     input_ids, attention_mask = _left_pad(prompts, pad_id, device)
-    embeds = model.embed(input_ids, pixel_values.to(device) if pixel_values is not None else None)
+    if pixel_values is not None:  # the encoder computes in its own dtype (bf16 on a GPU)
+        pixel_values = pixel_values.to(device=device, dtype=next(model.encoder.parameters()).dtype)
+    embeds = model.embed(input_ids, pixel_values)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generator = None
     if config.temperature > 0 and config.seed is not None:

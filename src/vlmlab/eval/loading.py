@@ -1,11 +1,13 @@
 """A ready-to-generate model from whatever names one: a vlmlab checkpoint folder (its chain
 loaded), a `vlmlab merge` folder, an MLflow run id or `runs:/<id>` URI, or an HF Llava export.
 
-Each comes with the chat template it was trained with, so prompts match training.
+Each comes with the chat template it was trained with, so prompts match training, and is placed
+on the device (`--device`, default cuda when a GPU is visible) in the dtype (`--dtype`) asked for.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -13,12 +15,111 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlmlab.data.templates import _TEMPLATES, Template, get_template
 from vlmlab.errors import ConfigError
 from vlmlab.eval.generate import Generator
 from vlmlab.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+_FLASH = ("flash_attention_2", "flash_attention_3")
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu (what `--device` means when not given)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """`--device` checked against this machine, so a typo or a missing GPU fails before loading."""
+    name = default_device() if device is None or not str(device).strip() else str(device).strip()
+    fix = "use cpu, cuda, cuda:N or mps."
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError("--device", f"{name!r} is not a device.", fix) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "--device",
+                f"{name}: no CUDA GPU is visible on this machine.",
+                "use --device cpu, or run where `nvidia-smi` lists a GPU (check "
+                "CUDA_VISIBLE_DEVICES).",
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(
+                "--device", f"{name}: {count} GPU(s) are visible (cuda:0 to cuda:{count - 1})."
+            )
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--device", "mps: no Apple GPU (MPS) is available here.", fix)
+        return dev
+    raise ConfigError("--device", f"{name}: {dev.type} devices are not supported.", fix)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`, shared by `vlmlab eval` and `vlmlab chat`."""
+    parser.add_argument(
+        "--device",
+        help="where the model runs: cpu, cuda, cuda:N or mps (default: cuda when a GPU is "
+        "visible, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPE_CHOICES,
+        help="weights dtype (default auto: as the model records; an HF export loads in "
+        "float32); bfloat16 halves memory and is what a 7B wants on a GPU",
+    )
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype | None:
+    """`--dtype`: None for auto (the dtypes the model records), else the torch dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError("--dtype", f"got {dtype!r}.", f"use one of {list(DTYPE_CHOICES)}.")
+    return DTYPES[dtype]
+
+
+def runtime_config(
+    config: dict[str, Any], device: torch.device, dtype: str | None = None
+) -> dict[str, Any]:
+    """A recorded component config adapted to where it runs now (the record is left alone).
+
+    `dtype` (float32/bfloat16/float16) becomes the load dtype of encoder and LLM, so pretrained
+    weights load straight into it. A flash attention kernel recorded by a GPU run becomes sdpa
+    where it cannot run: off CUDA, without flash-attn, or on float32 weights (flash computes in
+    fp16/bf16 only and generation runs without autocast).
+    """
+    from vlmlab.models.llm import flash_attention_problem
+
+    adapted = {part: dict(config[part]) for part in ("encoder", "connector", "llm")}
+    for part in ("encoder", "llm"):
+        spec = adapted[part]
+        if dtype is not None and dtype != "auto":
+            spec["dtype"] = dtype
+        kernel = spec.get("attn_implementation")
+        if kernel in _FLASH:
+            why: str | None
+            if device.type != "cuda":
+                why = f"the device is {device}"
+            elif spec.get("dtype", "float32") == "float32":
+                why = "float32 weights: flash attention computes in fp16/bf16 only"
+            else:
+                why = flash_attention_problem(kernel)
+            if why:
+                log.info("%s.attn_implementation: %s -> sdpa (%s)", part, kernel, why)
+                spec["attn_implementation"] = "sdpa"
+    return adapted
 
 
 @dataclass
@@ -28,6 +129,10 @@ class LoadedModel:
     template: Template
     source: Path
     kind: str  # checkpoint | merged | hf
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def generator(self) -> Generator:
         return Generator(
@@ -62,25 +167,35 @@ def resolve_reference(reference: str, tracking_uri: str | None = None) -> Path:
 
 
 def load_model(
-    reference: str | Path, tracking_uri: str | None = None, template: str | None = None
+    reference: str | Path,
+    tracking_uri: str | None = None,
+    template: str | None = None,
+    device: str | None = None,
+    dtype: str | None = "auto",
 ) -> LoadedModel:
-    """Build and load the model `reference` names; `template` overrides the recorded one."""
+    """Build and load the model `reference` names, in eval mode on `device`.
+
+    `template` overrides the recorded one. `device` None = cuda when available, else cpu.
+    `dtype` auto keeps the recorded dtypes (an HF export loads in float32); float32, bfloat16
+    or float16 loads encoder and LLM in it and casts the connector (bf16 is what a 7B wants on
+    a GPU).
+    """
+    target = resolve_device(device)
+    cast = resolve_dtype(dtype)
     path = resolve_reference(str(reference), tracking_uri)
     if (path / "meta.json").is_file() and (path / "trainable.safetensors").is_file():
-        from vlmlab.merge import build_from_checkpoint
-
-        model, tokenizer, meta = build_from_checkpoint(path)
+        model, tokenizer, meta = _load_checkpoint(path, target, dtype)
         name = template or meta.get("template") or meta["config"]["llm"].get("template")
         kind = "checkpoint"
     elif (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
-        model, tokenizer, meta = _load_merged(path)
+        model, tokenizer, meta = _load_merged(path, target, dtype)
         name = template or meta.get("template") or meta["config"]["llm"].get("template")
         kind = "merged"
     elif (path / "config.json").is_file():
         from vlmlab.models.hf_llava import load_hf_llava
 
         name = template or detect_hf_template(path)
-        model, tokenizer = load_hf_llava(path, template=name)
+        model, tokenizer = load_hf_llava(path, dtype=cast or torch.float32, template=name)
         kind = "hf"
     else:
         raise ConfigError(
@@ -88,22 +203,50 @@ def load_model(
             f"{path} holds no trainable.safetensors + meta.json (vlmlab checkpoint), "
             "model.safetensors + meta.json (vlmlab merge) or config.json (HF Llava export).",
         )
+    if cast is not None:
+        model.connector.to(cast)  # encoder and LLM were built in it
+    model.to(target)
     model.eval()
-    log.info("loaded %s model from %s (template %s)", kind, path, name)
+    log.info("loaded %s model from %s (template %s) on %s", kind, path, name, target)
     return LoadedModel(model, tokenizer, get_template(str(name), tokenizer.eos_token), path, kind)
 
 
-def _load_merged(path: Path) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+def _build(
+    meta: dict[str, Any], path: Path, device: torch.device, dtype: str | None
+) -> tuple[VisionLanguageModel, Any]:
     from omegaconf import OmegaConf
-    from safetensors.torch import load_file
 
     from vlmlab.models import build_vlm
 
+    config = meta.get("config")
+    if not config:
+        raise ConfigError(
+            "checkpoint",
+            f"{path}/meta.json records no component config (written by an older vlmlab).",
+        )
+    config = runtime_config(config, device, dtype)
+    return build_vlm(*(OmegaConf.create(config[c]) for c in ("encoder", "connector", "llm")))
+
+
+def _load_checkpoint(
+    path: Path, device: torch.device, dtype: str | None
+) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+    """merge.build_from_checkpoint, with the recorded configs adapted by `runtime_config`."""
+    from vlmlab import checkpoints
+
+    meta = checkpoints.read_meta(path)
+    model, tokenizer = _build(meta, path, device, dtype)
+    checkpoints.load_chain(model, path, merge_last=True)
+    return model, tokenizer, meta
+
+
+def _load_merged(
+    path: Path, device: torch.device, dtype: str | None
+) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+    from safetensors.torch import load_file
+
     meta = json.loads((path / "meta.json").read_text())
-    config = meta["config"]
-    model, tokenizer = build_vlm(
-        *(OmegaConf.create(config[c]) for c in ("encoder", "connector", "llm"))
-    )
+    model, tokenizer = _build(meta, path, device, dtype)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model, tokenizer, meta
 

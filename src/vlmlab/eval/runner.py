@@ -22,6 +22,7 @@ from vlmlab.data.templates import IMAGE_PLACEHOLDER, Turn
 from vlmlab.errors import ConfigError
 from vlmlab.eval import scorers
 from vlmlab.eval.generate import GenerationConfig, Generator, Request
+from vlmlab.eval.loading import add_device_arguments, load_model
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,8 @@ def run_benchmark(
             "short_answer_prompt": short_answer_prompt,
             "circular": circular,
             "template": generator.template.name,
+            "device": str(next(generator.model.parameters()).device),
+            "dtype": str(generator.model.llm.dtype).removeprefix("torch."),
         },
     }
     target = Path(out_dir) / name
@@ -331,6 +334,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--make-synthetic", metavar="DIR", help="write the synthetic benchmarks to DIR"
     )
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     from vlmlab.logs import setup_logging
 
@@ -348,9 +352,9 @@ def main(argv: list[str]) -> int:
             raise ConfigError(
                 "--bench", f"{', '.join(missing)} not found.", "give benchmark JSONL files."
             )
-        from vlmlab.eval.loading import load_model
-
-        loaded = load_model(args.args[0], args.tracking_uri, args.template)
+        loaded = load_model(
+            args.args[0], args.tracking_uri, args.template, device=args.device, dtype=args.dtype
+        )
         generator = loaded.generator()
         names: list[str] = []
         for bench in args.bench:  # two files with one stem must not share an output folder

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmlab.errors import ConfigError
 from vlmlab.models.contracts import Connector, VisionEncoder
-from vlmlab.models.llm import IMAGE_TOKEN, build_llm, build_tokenizer
+from vlmlab.models.llm import IMAGE_TOKEN, build_llm, build_tokenizer, check_attn_implementation
 from vlmlab.models.vlm import VisionLanguageModel
 
 __all__ = ["IMAGE_TOKEN", "VisionLanguageModel", "build_tokenizer", "build_vlm"]
@@ -41,8 +41,10 @@ def build_vlm(
     quantization: dict[str, Any] | None = None,
 ) -> tuple[VisionLanguageModel, Any]:
     """Build the model and its tokenizer. Connector widths come from the built parts."""
-    encoder = instantiate(encoder_cfg, _convert_="all")
     llm_args = as_dict(llm_cfg)
+    # an attention kernel this machine cannot run is refused before any weights load
+    check_attn_implementation(llm_args.get("attn_implementation"), "llm.attn_implementation")
+    encoder = instantiate(encoder_cfg, _convert_="all")
     tokenizer = build_tokenizer(llm_args["tokenizer"])
     llm = build_llm(
         tokenizer,
@@ -52,6 +54,7 @@ def build_vlm(
         dtype=llm_args.get("dtype", "float32"),
         init_seed=int(llm_args.get("init_seed", 0)),
         quantization=quantization,
+        attn_implementation=llm_args.get("attn_implementation"),
     )
     connector_args = as_dict(connector_cfg)
     with torch.random.fork_rng(devices=[]):

@@ -20,6 +20,7 @@ from torch import nn
 
 from vlmlab.errors import ConfigError
 from vlmlab.models.image_transform import ImageTransform
+from vlmlab.models.llm import check_attn_implementation
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,14 @@ class HFVisionEncoder(nn.Module):
         select_feature: str = "patch",
         init_seed: int = 0,
         dtype: str = "float32",
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         self.has_cls = check_family(family)
         check_select_feature(select_feature)
         weights_dtype = torch_dtype(dtype)
+        attn = check_attn_implementation(attn_implementation, "encoder.attn_implementation")
+        attn_kwargs: dict[str, Any] = {"attn_implementation": attn} if attn else {}
         import transformers
 
         config_cls_name, model_cls_name, _ = _FAMILIES[family]
@@ -100,7 +104,9 @@ class HFVisionEncoder(nn.Module):
                     "encoder.name_or_path", "pretrained=true needs a model id or folder."
                 )
             # transformers 5 would otherwise keep the checkpoint's dtype (often float16)
-            self.vision = model_cls.from_pretrained(name_or_path, dtype=weights_dtype)
+            self.vision = model_cls.from_pretrained(
+                name_or_path, dtype=weights_dtype, **attn_kwargs
+            )
         else:
             if not config:
                 raise ConfigError(
@@ -110,7 +116,8 @@ class HFVisionEncoder(nn.Module):
                 torch.manual_seed(
                     init_seed
                 )  # random-init weights are a function of the config alone
-                self.vision = model_cls(getattr(transformers, config_cls_name)(**config))
+                vision_config = getattr(transformers, config_cls_name)(**config, **attn_kwargs)
+                self.vision = model_cls(vision_config)
             self.vision.to(weights_dtype)
         vcfg = self.vision.config
         if pretrained and config:

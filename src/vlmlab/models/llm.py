@@ -7,6 +7,8 @@ or build a random-init model from the architecture numbers in `config` (the `tin
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,74 @@ log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# transformers attention kernels a preset may name; null keeps transformers' default (sdpa)
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+_FLASH_PACKAGES = {  # kernel: (package transformers looks for, how to get it)
+    "flash_attention_2": ("flash-attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash-attn-3", "build flash-attn's hopper/ folder (H100/H200)"),
+}
+
+
+def flash_attention_problem(value: str) -> str | None:
+    """Why `value` (a flash_attention_* kernel) cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU and this machine has none visible"
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    available = (
+        is_flash_attn_2_available() if value == "flash_attention_2" else is_flash_attn_3_available()
+    )
+    if not available:
+        return f"needs the {_FLASH_PACKAGES[value][0]} package, which is not installed"
+    return None
+
+
+def check_attn_implementation(value: str | None, key: str) -> str | None:
+    """Validate an `attn_implementation` preset value before any weights are loaded.
+
+    Why here: transformers only finds a missing flash-attn after reading the config (and may
+    fall back to a hub kernel download); a 7B load should fail at once, naming the key.
+    """
+    if value is None:
+        return None
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(
+            key,
+            f"got {value!r}.",
+            f"use null (transformers' default: sdpa) or one of {list(ATTN_IMPLEMENTATIONS)}.",
+        )
+    if value in _FLASH_PACKAGES:
+        if torch.get_default_device().type == "meta":
+            return None  # a shape-only build (vlmlab plan) runs no kernel
+        missing = flash_attention_problem(value)
+        if missing:
+            raise ConfigError(
+                key,
+                f"{value} {missing}.",
+                f"use sdpa (or null) here, or run on a CUDA GPU with {_FLASH_PACKAGES[value][0]} "
+                f"installed ({_FLASH_PACKAGES[value][1]}).",
+            )
+    return value
+
+
+def quantized_device_map(env: Mapping[str, str] | None = None) -> dict[str, int]:
+    """`device_map` that puts a bitsandbytes model on this process's GPU.
+
+    Why: bitsandbytes quantises while loading, on the device it loads to; without a map every
+    rank loads onto GPU 0 before Lightning sets the device. The local rank is LOCAL_RANK
+    (torchrun, Lightning's own launcher for ranks > 0), else SLURM_LOCALID (srun; Lightning's
+    SLURMEnvironment reads the same), else 0 (the launching process).
+    """
+    env = os.environ if env is None else env
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        raw = env.get(name)
+        if raw not in (None, ""):
+            try:
+                return {"": int(str(raw))}
+            except ValueError:
+                raise ConfigError(name, f"is {raw!r}, not an integer local rank.") from None
+    return {"": 0}
 
 
 def resolve_asset(path: str) -> str:
@@ -65,22 +135,34 @@ def build_llm(
     dtype: str = "float32",
     init_seed: int = 0,
     quantization: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
 ) -> Any:
     """A causal LM whose vocabulary covers the tokenizer (including `<image>`).
 
     `quantization` ({bits: 4|8}) loads the pretrained weights through bitsandbytes (QLoRA: nf4,
-    double quantisation, bf16 compute); stages.apply has already checked for a GPU.
+    double quantisation, bf16 compute) onto this process's GPU (`quantized_device_map`);
+    stages.apply has already checked for a GPU. `attn_implementation` (null = transformers'
+    default) picks the attention kernel; the built model's `config._attn_implementation` says
+    which one runs.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in _DTYPES:
         raise ConfigError("llm.dtype", f"got {dtype!r}.", f"use one of {sorted(_DTYPES)}.")
+    attn = check_attn_implementation(attn_implementation, "llm.attn_implementation")
+    attn_kwargs: dict[str, Any] = {"attn_implementation": attn} if attn else {}
     if pretrained:
         if not name_or_path:
             raise ConfigError("llm.name_or_path", "pretrained=true needs a model id or folder.")
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype]}
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], **attn_kwargs}
         if quantization:
             kwargs["quantization_config"] = _bnb_config(int(quantization.get("bits", 4)))
+            if torch.cuda.is_available():
+                kwargs["device_map"] = quantized_device_map()
+                _check_visible(kwargs["device_map"][""])
+                log.info(
+                    "loading quantized %s onto cuda:%d", name_or_path, kwargs["device_map"][""]
+                )
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         if quantization:
             from peft import prepare_model_for_kbit_training
@@ -104,12 +186,23 @@ def build_llm(
         hf_config = AutoConfig.for_model(**arch)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=_DTYPES[dtype])
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=_DTYPES[dtype], **attn_kwargs)
     embeddings: Any = model.get_input_embeddings()
     vocab_rows = int(embeddings.weight.shape[0])
     if len(tokenizer) > vocab_rows:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     return model
+
+
+def _check_visible(index: int) -> None:
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(
+            "stage.quantize",
+            f"this process's local rank is {index} but it sees {count} GPU(s).",
+            "give every rank all of its node's GPUs (do not narrow CUDA_VISIBLE_DEVICES per "
+            "task), as Lightning expects: rank k uses cuda:k.",
+        )
 
 
 def _bnb_config(bits: int) -> Any:

@@ -32,6 +32,7 @@ from vlmlab.models.encoder import (
     torch_dtype,
 )
 from vlmlab.models.image_transform import ImageTransform
+from vlmlab.models.llm import ATTN_IMPLEMENTATIONS, check_attn_implementation
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,13 @@ class TimmVisionEncoder(nn.Module):
         select_feature: str = "patch",
         init_seed: int = 0,
         dtype: str = "float32",
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         self.has_cls = check_family(family)
         check_select_feature(select_feature)
         weights_dtype = torch_dtype(dtype)
+        fused = timm_fused_attn(attn_implementation)
         import timm
 
         _check_timm_name(timm_name)
@@ -85,6 +88,10 @@ class TimmVisionEncoder(nn.Module):
         if pretrained and timm_checkpoint:
             _load_checkpoint(self.vision, family, timm_checkpoint)
         self.vision.to(weights_dtype)
+        if fused is not None:
+            for module in self.vision.modules():
+                if hasattr(module, "fused_attn"):
+                    setattr(module, "fused_attn", fused)  # noqa: B010 (typed as a Final)
         vit: Any = self.vision
         if not all(hasattr(vit, a) for a in ("patch_embed", "blocks", "norm_pre", "_pos_embed")):
             raise ConfigError(
@@ -153,6 +160,30 @@ class TimmVisionEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checks
+
+TIMM_ATTN = ("sdpa", "eager")
+
+
+def timm_fused_attn(attn_implementation: str | None) -> bool | None:
+    """`encoder.attn_implementation` for timm: sdpa -> fused_attn on, eager -> off, null -> timm's
+    default (fused unless TIMM_FUSED_ATTN=0).
+
+    timm has no flash-attn or flex path: its fused attention is torch's
+    scaled_dot_product_attention, which on a CUDA GPU in bf16/fp16 picks the FlashAttention-2
+    kernel itself (ViT attention has no mask).
+    """
+    value = attn_implementation
+    if value is not None and value not in TIMM_ATTN:
+        if value not in ATTN_IMPLEMENTATIONS:
+            check_attn_implementation(value, "encoder.attn_implementation")  # names the choices
+        raise ConfigError(
+            "encoder.attn_implementation",
+            f"{value} is not available in the timm backend (it runs eager attention or torch "
+            "SDPA, which uses the FlashAttention-2 kernel on CUDA in bf16/fp16).",
+            "use sdpa, eager or null with encoder.backend=timm, or encoder.backend=transformers "
+            f"for {value}.",
+        )
+    return None if value is None else value == "sdpa"
 
 
 def _check_timm_name(name: str) -> None:
