@@ -123,7 +123,13 @@ def test_fsdp_blocks_are_the_shard_units(compose_cfg: Callable[..., DictConfig])
 @pytest.mark.parametrize(
     ("overrides", "key", "fix"),
     [
-        (["trainer=fsdp", "trainer.accelerator=cpu"], "trainer.precision", "32-true"),
+        (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.fsdp.cpu_offload=true"],
+            "trainer.fsdp.cpu_offload",
+            "false",
+        ),
+        (["trainer=ddp", "trainer.precision=bf16-true"], "trainer.precision", "bf16-mixed"),
+        (["trainer=fsdp_cpu", "trainer.precision=bf16-true"], "trainer.precision", "bf16-mixed"),
         (["trainer=fsdp_cpu", "trainer.fsdp.state_dict=both"], "trainer.fsdp.state_dict", "full"),
         (["trainer=fsdp_cpu", "+trainer.fsdp.wrapp=[llm]"], "trainer.fsdp.wrapp", "valid keys"),
         (["trainer=fsdp_cpu", "trainer.fsdp.wrap=[vision]"], "trainer.fsdp.wrap", "encoder"),

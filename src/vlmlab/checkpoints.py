@@ -40,11 +40,25 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def is_zero3_parameter(param: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 partitioned parameter: each rank holds a slice, `param` itself is
+    empty outside `GatheredParameters`. DeepSpeed tags them with `ds_id` and `ds_numel`."""
+    return hasattr(param, "ds_id") and hasattr(param, "ds_numel")
+
+
 def gather_trainable(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the trainable weights. FSDP-sharded (DTensor) weights are gathered one
-    at a time, so every rank must call this; ranks with `keep=False` return nothing."""
+    """Full CPU copies of the trainable weights. FSDP-sharded (DTensor) and DeepSpeed ZeRO-3
+    partitioned weights are gathered one at a time (bounded memory), so every rank must call
+    this, in the same order; ranks with `keep=False` return nothing."""
     out: dict[str, torch.Tensor] = {}
     for name, param in trainable_parameters(model).items():
+        if is_zero3_parameter(param):  # collective: all ranks gather, then re-partition
+            import deepspeed  # `deepspeed.zero` is an attribute, not an importable module
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if keep:  # copy out: the gathered storage is freed when the block ends
+                    out[name] = param.detach().to("cpu", copy=True).contiguous()
+            continue
         tensor = param.detach()
         if hasattr(tensor, "full_tensor"):  # DTensor: collective
             tensor = tensor.full_tensor()
@@ -242,11 +256,14 @@ def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = True) -> None:
 def is_loadable(path: Path) -> bool:
     """A complete checkpoint: the zip archive torch.save writes opens and its records unpickle.
 
-    Tensor data is memory-mapped, not read, so checking a large checkpoint is cheap. A sharded
-    (FSDP) checkpoint folder needs its metadata file from the end of the save.
+    Tensor data is memory-mapped, not read, so checking a large checkpoint is cheap. A folder
+    is a sharded checkpoint: FSDP's needs its metadata file from the end of the save,
+    DeepSpeed's every file its save writes (see `is_deepspeed_checkpoint`).
     """
     path = Path(path)
     if path.is_dir():
+        if (path / DEEPSPEED_LATEST).is_file() or (path / DEEPSPEED_TAG).is_dir():
+            return deepspeed_checkpoint_complete(path)
         return (path / ".metadata").is_file() and is_loadable(path / "meta.pt")
     if not path.is_file() or not zipfile.is_zipfile(path):
         return False
@@ -256,6 +273,91 @@ def is_loadable(path: Path) -> bool:
         log.warning("checkpoint %s is not loadable: %s", path, err)
         return False
     return True
+
+
+# DeepSpeed's folder, as Lightning's DeepSpeedStrategy.save_checkpoint writes it through
+# `engine.save_checkpoint(path, tag="checkpoint", client_state=...)` (deepspeed 0.19
+# runtime/engine.py `_get_ckpt_name`, `_get_zero_ckpt_name`, `save_checkpoint`):
+#   <path>/checkpoint/mp_rank_00_model_states.pt                 ZeRO 0-2: written by DP rank 0
+#   <path>/checkpoint/zero_pp_rank_<r>_mp_rank_00_model_states.pt   ZeRO-3: one per DP rank r
+#   <path>/checkpoint/[bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt  ZeRO >= 1: one per r
+#   <path>/latest          the tag ("checkpoint"), written by rank 0 after all files
+#   <path>/zero_to_fp32.py, zero_to_torch.py
+# The model-states file holds Lightning's client state (loops, callbacks, vlmlab RNG) and
+# `dp_world_size`, `mp_world_size`, `ds_config`: enough to know which files a complete save has.
+DEEPSPEED_LATEST = "latest"
+DEEPSPEED_TAG = "checkpoint"
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    """A folder laid out by DeepSpeed (complete or not)."""
+    path = Path(path)
+    return path.is_dir() and (
+        (path / DEEPSPEED_LATEST).is_file() or (path / DEEPSPEED_TAG).is_dir()
+    )
+
+
+def deepspeed_checkpoint_complete(path: Path) -> bool:
+    """Every file of a DeepSpeed save is there and whole (see the layout above).
+
+    Model-states files are unpickled memory-mapped (they hold Lightning's state); optimizer
+    files pickle DeepSpeed classes, so they are only checked to be whole zip archives:
+    torch.save writes the zip directory last, so a truncated file is not a zip file.
+    """
+    path = Path(path)
+    latest = path / DEEPSPEED_LATEST
+    if not latest.is_file():
+        log.warning("DeepSpeed checkpoint %s has no %r file (save not finished)", path, latest.name)
+        return False
+    tag_dir = path / latest.read_text().strip()
+    model_files = sorted(tag_dir.glob("*mp_rank_*_model_states.pt")) if tag_dir.is_dir() else []
+    try:
+        state = torch.load(model_files[0], map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # none there, truncated, or unreadable
+        log.warning("DeepSpeed checkpoint %s has no loadable model states: %s", path, err)
+        return False
+    dp = int(state.get("dp_world_size") or 1)
+    mp = int(state.get("mp_world_size") or 1)
+    stage = int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    expected: list[Path] = []
+    for m in range(mp):
+        if stage == 3:
+            expected += [
+                tag_dir / f"zero_pp_rank_{r}_mp_rank_{m:02d}_model_states.pt" for r in range(dp)
+            ]
+        else:
+            expected.append(tag_dir / f"mp_rank_{m:02d}_model_states.pt")
+    for path_ in expected:
+        if not is_loadable(path_):
+            log.warning("DeepSpeed checkpoint %s: %s missing or torn", path, path_.name)
+            return False
+    if stage >= 1:
+        for m in range(mp):
+            for r in range(dp):
+                name = f"zero_pp_rank_{r}_mp_rank_{m:02d}_optim_states.pt"
+                found = [tag_dir / name, tag_dir / f"bf16_{name}"]
+                if not any(_whole_zip(f) for f in found):
+                    log.warning("DeepSpeed checkpoint %s: %s missing or torn", path, name)
+                    return False
+    return True
+
+
+def _whole_zip(path: Path) -> bool:
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("data.pkl") for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def saved_at(path: Path) -> int:
+    """When a checkpoint was completed: the file, or the file a sharded save writes last."""
+    for last in (DEEPSPEED_LATEST, ".metadata"):
+        if path.is_dir() and (path / last).is_file():
+            return (path / last).stat().st_mtime_ns
+    return path.stat().st_mtime_ns
 
 
 def newest_loadable(resume_dir: Path) -> Path | None:
@@ -268,7 +370,7 @@ def newest_loadable(resume_dir: Path) -> Path | None:
         for p in resume_dir.iterdir()
         if p.name.endswith((".ckpt", ".ckpt" + PREV_SUFFIX)) and not p.name.endswith(TMP_SUFFIX)
     ]
-    candidates.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    candidates.sort(key=saved_at, reverse=True)
     for path in candidates:
         if is_loadable(path):
             return path
@@ -295,7 +397,13 @@ def _checkpoint_io_class() -> type:
 
         def remove_checkpoint(self, path: Any) -> None:
             super().remove_checkpoint(path)
-            Path(str(path) + PREV_SUFFIX).unlink(missing_ok=True)
+            previous = Path(str(path) + PREV_SUFFIX)
+            if previous.is_dir():  # a sharded (FSDP / DeepSpeed) checkpoint folder
+                import shutil
+
+                shutil.rmtree(previous)
+            else:
+                previous.unlink(missing_ok=True)
 
     return AtomicCheckpointIO
 

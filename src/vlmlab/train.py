@@ -17,7 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from vlmlab import checkpoints, stages
+from vlmlab import checkpoints, launch, stages
 from vlmlab.config import apply_stage_overrides
 from vlmlab.data.datamodule import StreamPosition, VLMDataModule
 from vlmlab.data.prepare import resolve_dataset
@@ -40,6 +40,7 @@ from vlmlab.tracking.outcome import ExceptionRecorder, track_outcome
 from vlmlab.tracking.sweep import parent_run_id, swept_keys
 from vlmlab.training import strategy as strategies
 from vlmlab.training.audit import SampleRecorder
+from vlmlab.training.deepspeed import optimizer_class
 from vlmlab.training.emulate import EmulatedRanks
 from vlmlab.training.module import VLMModule
 from vlmlab.training.precision import apply_master_weights
@@ -126,12 +127,19 @@ def run_key(cfg: DictConfig) -> str:
 def resolve_resume(cfg: DictConfig, resume_dir: Path) -> tuple[Path | None, dict[str, Any]]:
     """`resume`: null, auto (this config's unfinished run) or a Lightning .ckpt path."""
     value = cfg.get("resume")
-    if value in (None, "", "null"):
+    requeued = launch.requeued_checkpoint(resume_dir)  # this SLURM job saved, then requeued
+    if requeued is not None:
+        path = requeued
+    elif value in (None, "", "null"):
         return None, {}
-    if value == "auto":
-        # the newest checkpoint that loads: a save killed midway never wins (checkpoints.py)
+    elif value == "auto":
+        # the newest checkpoint that loads: a save killed midway never wins (checkpoints.py);
+        # one older than the run's FINISHED mark belongs to that finished run
         last = checkpoints.newest_loadable(resume_dir)
-        if last is None or (resume_dir / "FINISHED").is_file():
+        finished = resume_dir / "FINISHED"
+        if last is None or (
+            finished.is_file() and checkpoints.saved_at(last) <= finished.stat().st_mtime_ns
+        ):
             log.info("resume=auto: no unfinished run of this config; starting fresh")
             return None, {}
         path = last
@@ -259,6 +267,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     uri = tracking_uri(cfg.logger.get("tracking_uri"), root) if cfg.logger.kind == "mlflow" else ""
     L.seed_everything(int(cfg.seed), workers=True)
     stages.check_before_build(cfg.stage, cfg.trainer)
+    strategies.trainer_kwargs(cfg)  # every trainer problem before a model is built
     resume_dir = root / "resume" / run_key(cfg)
     resume_from, resume_state = resolve_resume(cfg, resume_dir)
 
@@ -353,6 +362,8 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         extra_state={"init": str(init) if init else None, "mlflow_run_id": run_id},
         parallelize=strategies.fsdp_parallelizer(cfg),
         global_token_loss=strategies.uses_global_token_loss(cfg),
+        sharded=strategies.shards_parameters(cfg),  # every forward runs every sharded unit
+        optimizer_cls=optimizer_class(cfg),  # DeepSpeedCPUAdam under ZeRO-Offload
     )
 
     callbacks: list[L.Callback] = [
@@ -364,12 +375,12 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     record = (cfg.get("debug") or {}).get("record_samples")
     if record:
         callbacks.append(SampleRecorder(record))
-    sharded = strategies.fsdp_parallelizer(cfg) is not None
+    sharded = strategies.shards_parameters(cfg)
     eval_cb = build_eval_callback(cfg, dataset, text_encoder, root / "eval" / run_key(cfg))
     if sharded and eval_cb is not None:
         # generation runs on rank 0 only; with sharded weights the other ranks would not join
         log.warning(
-            "eval.benchmarks are skipped under trainer=fsdp (sharded weights): run "
+            "eval.benchmarks are skipped under FSDP / ZeRO-3 (sharded weights): run "
             "`vlmlab eval <checkpoint> --bench ...` on the saved checkpoint instead"
         )
         eval_cb = None
@@ -390,6 +401,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
                 )
             )
     callbacks.append(tracking_callbacks.RankAgreement(run_key(cfg)))
+    callbacks.append(launch.SlurmRequeue(resume_dir))  # inactive outside a SLURM job
     callbacks.append(tracked.recorder)
     trainer_args = strategies.trainer_kwargs(cfg)
     keep_previous = bool(cfg.checkpoint.get("keep_previous", True))
@@ -401,7 +413,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         accumulate_grad_batches=accumulate,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        default_root_dir=str(root / "lightning"),
+        default_root_dir=str(launch.lightning_root(resume_dir)),  # hpc_ckpt_* of this run only
     )
     if trainer.is_global_zero:
         resume_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,27 @@ class GradNorm(L.Callback):
 
     Why: clipping hides exploding gradients from the loss curve; the pre-clip norm shows them.
     Lightning calls `on_before_optimizer_step` after unscaling and before `gradient_clip_val`.
+
+    Under DeepSpeed `p.grad` is empty (ZeRO-1/2/3 reduce gradients into their own partitioned
+    buffers), so a norm of `p.grad` would be a wrong 0. DeepSpeed computes the global pre-clip
+    norm inside `engine.step()`, which Lightning calls *after* `on_before_optimizer_step`; it
+    is read in `on_train_batch_end` of each batch that stepped (`get_global_grad_norm()`,
+    cached until the next step). Where DeepSpeed gives none (ZeRO-1/2 with
+    `compute_grad_norm: false`) nothing is logged, with one warning.
     """
+
+    def __init__(self) -> None:
+        self._step_seen = -1
+        self._warned = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step_seen = trainer.global_step  # a resumed run starts past 0
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
+        if _is_deepspeed(trainer):
+            return  # read from the engine after its step, see on_train_batch_end
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
@@ -34,6 +51,36 @@ class GradNorm(L.Callback):
         if hasattr(total, "full_tensor"):
             total = total.full_tensor()
         pl_module.log("train/grad_norm", float(total), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not _is_deepspeed(trainer) or trainer.global_step == self._step_seen:
+            return  # not DeepSpeed, or a micro-batch that only accumulated
+        self._step_seen = trainer.global_step
+        norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # type: ignore[attr-defined]
+        if norm is None:
+            if not self._warned:
+                log.warning(
+                    "train/grad_norm is not logged: DeepSpeed computed no gradient norm "
+                    "(zero_optimization.compute_grad_norm is off)"
+                )
+                self._warned = True
+            return
+        value = float(norm)
+        if math.isfinite(value):  # inf/nan: an fp16 overflow step that DeepSpeed skipped
+            pl_module.log("train/grad_norm", value, on_step=True, on_epoch=False)
+
+
+def _is_deepspeed(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
 class SampleGenerations(L.Callback):

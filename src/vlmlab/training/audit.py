@@ -75,7 +75,8 @@ class SampleRecorder(L.Callback):
         }
         loss = getattr(pl_module, "last_step_loss", None)
         if trainer.global_step != self._step and loss is not None:
-            record["step_loss"] = loss  # this batch completed the step: its global loss
+            # this batch completed the step: its global loss (a device tensor: a debug-only sync)
+            record["step_loss"] = float(loss)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

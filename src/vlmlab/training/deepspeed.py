@@ -2,17 +2,35 @@
 
 The LLaVA zero2/zero3/zero3_offload json files are data here (conf/trainer/deepspeed_*.yaml);
 Lightning adds precision, gradient clipping and accumulation from the trainer.
+
+What Lightning 2.6's DeepSpeedStrategy does not do by itself, and this module adds:
+- `deepspeed_strategy`: checkpoints hold the trainable parameters only
+  (`exclude_frozen_parameters`; otherwise every step checkpoint rewrites the frozen 7B LLM)
+  and appear atomically: DeepSpeed writes its folder in place, so a kill mid-save used to
+  leave a torn `last.ckpt/`; here it is written to `last.ckpt.tmp/` and swapped in, the old one
+  kept as `last.ckpt.prev/` (as training/strategy.py does for FSDP).
+- `optimizer_class`: ZeRO-Offload refuses a client torch optimizer (DeepSpeed's
+  `zero_force_ds_cpu_optimizer` check); it needs DeepSpeedCPUAdam.
+- `zero_stage`: ZeRO-3 shards parameters like FSDP, so rank-0-only work (end-of-stage eval,
+  sample generation) must be skipped and every forward must run the whole model.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from vlmlab.errors import ConfigError
 from vlmlab.training.settings import settings_block
+
+log = logging.getLogger(__name__)
 
 DEEPSPEED_KEYS = {
     "stage",
@@ -81,3 +99,133 @@ def zero_config(cfg: DictConfig) -> dict[str, Any]:
 
 def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
+
+
+def zero_stage(cfg: DictConfig) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, None for any other strategy.
+
+    Stage 3 partitions the parameters: like FSDP, the model is `sharded` (every rank runs every
+    forward) and rank-0-only generation at the end of the stage would hang the other ranks."""
+    if cfg.trainer.get("strategy", "auto") != "deepspeed":
+        return None
+    return int(zero_config(cfg)["zero_optimization"]["stage"])
+
+
+def optimizer_class(cfg: DictConfig) -> type | None:
+    """The optimizer DeepSpeed accepts for this config; None means torch.optim.AdamW.
+
+    With `offload_optimizer` DeepSpeed refuses any client optimizer but its own CPU Adam
+    (engine `_configure_optimizer`: "ZeRO-Offload with a client provided optimizer",
+    `zero_force_ds_cpu_optimizer`, default true). DeepSpeedCPUAdam takes AdamW's arguments
+    (params, lr, betas, eps, weight_decay) and is AdamW by default (`adamw_mode=True`), the
+    optimizer LLaVA's zero3_offload.json asks for. It compiles its CPU kernel on first use."""
+    if zero_stage(cfg) is None:
+        return None
+    block = settings_block(cfg.trainer, "deepspeed", DEEPSPEED_KEYS)
+    if not block.get("offload_optimizer"):
+        return None
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError as err:
+        raise ConfigError(
+            "trainer.deepspeed.offload_optimizer",
+            f"optimizer offload needs DeepSpeed's CPU Adam, which does not import: {err}.",
+            "`pip install deepspeed`, or set trainer.deepspeed.offload_optimizer=false.",
+        ) from err
+    return DeepSpeedCPUAdam  # type: ignore[no-any-return]
+
+
+def deepspeed_strategy_class() -> type:
+    """Lightning's DeepSpeedStrategy with atomic checkpoint folders (see the module docstring).
+
+    A class factory so that importing vlmlab never imports Lightning's strategy eagerly."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class AtomicDeepSpeedStrategy(DeepSpeedStrategy):
+        """DeepSpeed's `engine.save_checkpoint` into `<path>.tmp`, then rank 0 swaps it in.
+
+        Every rank writes its own shard files (`checkpoint/zero_pp_rank_<r>_..._states.pt`);
+        DeepSpeed's rank 0 writes `latest` last, then all ranks meet at a barrier. One rank per
+        node fsyncs the files (on a shared disk each node flushes what it wrote), and only then
+        does rank 0 rename: a crash leaves either the old or the new folder, never half of one.
+        """
+
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
+        ) -> None:
+            path = Path(self.broadcast(str(filepath)))
+            staged = path.with_name(path.name + ".tmp")
+            if self.global_rank == 0:
+                _remove(staged)
+            self.barrier("vlmlab-ds-ckpt-clean")
+            super().save_checkpoint(checkpoint, str(staged), storage_options)
+            if self.local_rank == 0:
+                _fsync_tree(staged)
+            self.barrier("vlmlab-ds-ckpt-written")
+            if self.global_rank == 0:
+                previous = path.with_name(path.name + ".prev")
+                if path.exists():
+                    _remove(previous)
+                    os.replace(path, previous)
+                os.replace(staged, path)
+                _fsync_tree(path.parent, files=False)
+            self.barrier("vlmlab-ds-ckpt-swapped")
+
+        def remove_checkpoint(self, filepath: Any) -> None:
+            if self.global_rank == 0:
+                for suffix in ("", ".prev"):
+                    _remove(Path(str(filepath) + suffix))
+
+    return AtomicDeepSpeedStrategy
+
+
+def deepspeed_strategy(
+    config: dict[str, Any], strategy_class: type | None = None, **kwargs: Any
+) -> Any:
+    """The strategy for trainer.strategy=deepspeed: `L.Trainer(strategy=deepspeed_strategy(zero_config(cfg)))`.
+
+    Checkpoints exclude frozen parameters. Loading them back works because Lightning calls
+    `engine.load_checkpoint(load_module_strict=module.strict_loading)` and VLMModule sets
+    `strict_loading = False`: the frozen weights come from the model build / init chain, as
+    for every other strategy (checked on CPU with real ZeRO-2 and ZeRO-3 engines,
+    tests/test_deepspeed.py). The config is copied: Lightning writes precision, accumulation
+    and clipping into the dict it gets, and refuses a dict that already has them.
+    `strategy_class`: a subclass of `deepspeed_strategy_class()` (the tests' CPU variant).
+    """
+    cls = strategy_class or deepspeed_strategy_class()
+    kwargs.setdefault("exclude_frozen_parameters", True)
+    return cls(config=copy.deepcopy(config), **kwargs)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every file under `root` (and the folders), so a rename publishes durable data."""
+    if not root.exists():
+        return
+    folders = [root]
+    if files:
+        for dirpath, _dirs, names in os.walk(root):
+            folders.append(Path(dirpath))
+            for name in names:
+                try:
+                    with open(Path(dirpath) / name, "rb") as handle:
+                        os.fsync(handle.fileno())
+                except OSError as err:  # fsync unsupported here: the rename is still atomic
+                    log.debug("fsync %s: %s", name, err)
+    for folder in folders:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

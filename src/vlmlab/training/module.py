@@ -3,19 +3,31 @@
 It never saves hyperparameters (that would deep-copy a 7B model); the run's config is logged
 by the tracking layer. Lightning checkpoints keep only trainable weights (plus optimizer,
 scheduler and loop state), so resuming a stage-1 run of a 7B model reads megabytes.
+
+No host synchronisation per micro-batch: counts arrive as Python ints from collate, losses stay
+on the device, and the one collective of an optimizer step (token count, loss sum, padding) is
+issued once, after the step's last backward, without a barrier.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections import Counter
+import random
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 
 from vlmlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Batch keys from `collate` that the VLM forward takes when present: counted / indexed on the
+# CPU there, so the forward needs no host sync of its own.
+_COLLATED_EXTRAS = ("target_index", "num_target_tokens", "image_index")
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
@@ -42,20 +54,33 @@ class VLMModule(L.LightningModule):
         extra_state: dict[str, Any] | None = None,
         parallelize: Callable[[torch.nn.Module, Any], None] | None = None,
         global_token_loss: bool = True,
+        sharded: bool = False,
+        optimizer_cls: Callable[..., torch.optim.Optimizer] | None = None,
     ) -> None:
+        """`sharded`: FSDP / ZeRO-3, where every forward must run the whole model (vision branch
+        included) so that the parameter all-gathers of all ranks stay in step. `optimizer_cls`:
+        AdamW by default (DeepSpeed's CPU Adam for ZeRO-Offload), called with the same arguments."""
         super().__init__()
         self.model = model
+        self.model.sharded = sharded  # type: ignore[assignment]  # a plain attribute
         self.parallelize = parallelize  # trainer=fsdp: shards the model in configure_model
         self.global_token_loss = global_token_loss
-        self._step_tokens = 0  # target tokens / summed token losses of this optimizer step
-        self._step_loss_sum: torch.Tensor | float = 0.0
+        self.optimizer_cls = optimizer_cls or torch.optim.AdamW
+        # this rank's share of the current optimizer step (Python numbers: no device sync)
+        self._step_tokens = 0  # target tokens
+        self._step_pad = 0  # padded positions and all positions, for data/padding_fraction
+        self._step_slots = 0
+        self._step_loss_sum: torch.Tensor | None = None  # sum of token losses, on the device
         self._step_pending = False
-        self.last_step_loss: float | None = None  # global token-mean loss of the last step
+        # global token-mean loss of the last step: a device tensor (read it with float())
+        self.last_step_loss: torch.Tensor | None = None
         self.optim = optim
         self.total_steps = max(1, total_steps)
         self.groups = groups
         self.extra_state = extra_state or {}
-        self.skipped: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # this rank's bad samples, since the run began
+        self._pending_rng: dict[str, Any] | None = None
+        self._gradient_sync: bool | None = None
         self.strict_loading = False  # checkpoints hold trainable weights only
         if optim.get("schedule", "cosine") not in ("cosine", "constant"):
             raise ConfigError(
@@ -70,98 +95,138 @@ class VLMModule(L.LightningModule):
             self._sharded = True
 
     def forward(self, batch: dict[str, Any]) -> Any:
+        extra = {k: batch[k] for k in _COLLATED_EXTRAS if k in batch}
         return self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             pixel_values=batch.get("pixel_values"),
             labels=batch["labels"],
+            **extra,
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self._count_skipped(batch)
+        self._set_gradient_sync()
+        self.skipped.update(batch.get("skipped") or {})
+        self._step_pad += int(batch.get("num_pad_tokens", 0))  # Python ints from collate
+        self._step_slots += int(batch.get("num_tokens", 0))
+        self._step_pending = True
         batch_size = batch["input_ids"].shape[0]
         if batch_size == 0:  # every sample of the batch was bad (counted above)
             return self._empty_step_loss()
         out = self(batch)  # a text-only batch still touches the vision branch (VLM._vision_anchor)
         if not self.global_token_loss:
-            self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
-        if "padding_fraction" in batch:
-            self.log(
-                "data/padding_fraction", float(batch["padding_fraction"]), batch_size=batch_size
-            )
-        self.log(
-            "train/target_tokens",
-            float(out.num_target_tokens),
-            batch_size=batch_size,
-            reduce_fx="sum",
+            self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=batch_size)
+        tokens = out.num_target_tokens  # a Python int (counted in collate)
+        self._step_tokens += tokens
+        loss_sum = out.loss.detach().double() * tokens
+        self._step_loss_sum = (
+            loss_sum if self._step_loss_sum is None else self._step_loss_sum + loss_sum
         )
         if not self.global_token_loss:
             return out.loss
-        # Sum of token losses; on_after_backward divides the step's gradient by the number of
+        # Sum of token losses; _finish_step divides the step's gradient by the number of
         # target tokens of the whole global batch (all ranks, all micro-batches).
-        self._step_tokens += out.num_target_tokens
-        self._step_loss_sum = (
-            self._step_loss_sum + out.loss.detach().double() * out.num_target_tokens
-        )
-        self._step_pending = True
-        return out.loss * out.num_target_tokens
+        return out.loss * tokens
 
     def on_after_backward(self) -> None:
-        if self.global_token_loss and not self.trainer.fit_loop._should_accumulate():
-            self._normalize_step()
+        if not self.trainer.fit_loop._should_accumulate():
+            self._finish_step()
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.global_token_loss and self._step_pending:  # the step's last batch was empty
-            self._normalize_step()
+        # one process, the step's last batch empty: its backward was skipped (training_step
+        # returned None), so on_after_backward did not close the step
+        if self._step_pending and not self.trainer.fit_loop._should_accumulate():
+            self._finish_step()
 
-    def _normalize_step(self) -> None:
-        """grad = sum of token-loss gradients / global target tokens, on any world size.
+    def _set_gradient_sync(self) -> None:
+        """FSDP2: reduce-scatter gradients on the step's last micro-batch only.
 
+        Lightning blocks gradient sync during accumulation for DDP alone; an FSDP2 root would
+        reduce-scatter after every micro-batch (accumulation x the communication). Unsynced
+        micro-batches accumulate unsharded gradients that the last backward reduces with its own.
+        """
+        if not _is_fsdp2(self) or self._trainer is None:
+            return
+        sync = not self.trainer.fit_loop._should_accumulate()
+        if sync != self._gradient_sync:
+            self.set_requires_gradient_sync(sync)  # type: ignore[operator]
+            self._gradient_sync = sync
+
+    def _finish_step(self) -> None:
+        """Once per optimizer step on every rank: one all-reduce, gradient scaling, logging.
+
+        grad = sum of token-loss gradients / global target tokens, on any world size.
         Lightning divides each micro-batch loss by accumulate_grad_batches and DDP / FSDP average
         over ranks; multiplying by (accumulation x world size / global tokens) makes the step the
         gradient of the global token-mean loss, the same number whatever the split (a per-micro-
         batch mean would weight tokens of short batches more: the gradient-accumulation bug).
+        The counts logged here (target tokens, padding) are global too.
         """
-        loss_sum = torch.as_tensor(self._step_loss_sum, dtype=torch.float64, device=self.device)
-        stats = torch.stack([loss_sum.new_tensor(float(self._step_tokens)), loss_sum])
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        tokens, total = float(stats[0]), float(stats[1])
-        self._step_tokens, self._step_loss_sum, self._step_pending = 0, 0.0, False
-        if tokens <= 0:
-            return
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
-        for param in self.parameters():
-            if param.grad is not None:
-                param.grad.mul_(scale)
-        self.last_step_loss = total / tokens
-        self.log("train/loss", self.last_step_loss, prog_bar=True, on_step=True, on_epoch=False)
+        device = self.device
+        counts = torch.tensor(
+            [self._step_tokens, self._step_pad, self._step_slots], dtype=torch.float64
+        ).to(device, non_blocking=True)  # pageable host memory: staged, no device sync
+        loss_sum = self._step_loss_sum
+        if loss_sum is None:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        stats = _all_reduce_sum(torch.cat([counts, loss_sum.to(device).reshape(1)]))
+        self._step_tokens, self._step_pad, self._step_slots = 0, 0, 0
+        self._step_loss_sum, self._step_pending = None, False
+        tokens, pad, slots, total = stats.unbind()
+        self.log("train/target_tokens", tokens, on_step=True, on_epoch=False, batch_size=1)
+        padding = pad / slots.clamp_min(1)
+        self.log("data/padding_fraction", padding, on_step=True, on_epoch=False, batch_size=1)
+        if self.global_token_loss:
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+            _scale_gradients(self.parameters(), (scale / tokens.clamp_min(1)).float())
+            # NaN when no rank had a target token (every sample of the step was bad)
+            loss = torch.where(tokens > 0, total / tokens.clamp_min(1), torch.nan)
+            self.last_step_loss = loss
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        if self._is_logging_step():
+            self._log_skipped()
+
+    def _is_logging_step(self) -> bool:
+        """The step whose metrics Lightning writes (same on every rank: no collective mismatch)."""
+        every = int(getattr(self.trainer, "log_every_n_steps", 0) or 0)
+        stepped = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        return every > 0 and (stepped + 1) % every == 0
+
+    def _log_skipped(self) -> None:
+        """`data/skipped/<reason>` summed over ranks, since the run began.
+
+        Reasons are open-ended strings, so the counters are gathered as objects, only on
+        logging steps (a host sync there, where Lightning syncs its metrics anyway)."""
+        total: Counter[str] = Counter()
+        for counts in _gather_objects(dict(self.skipped)):
+            total.update(counts)
+        for reason, count in sorted(total.items()):
+            self.log(f"data/skipped/{reason}", float(count), reduce_fx="max", batch_size=1)
 
     def _empty_step_loss(self) -> torch.Tensor | None:
-        """None skips the step on one process; under DDP every rank must run backward (the
-        gradient all-reduce is collective), so an empty batch gives a zero loss through every
-        trainable parameter: zero gradients, same number of steps on every rank."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        """None skips the step on one process. With several ranks (or FSDP, whose unsynced
+        micro-batches wait in unsharded buffers for a backward), every rank must run forward and
+        backward: an empty batch gives 0 x a real forward on a dummy one-token batch."""
+        if self._trainer is None:
             return None
-        return self._ddp_zero_link()
+        if self.trainer.world_size == 1 and not _is_fsdp2(self):
+            return None
+        return self._zero_forward_loss()
 
-    def _ddp_zero_link(self) -> torch.Tensor | float:
-        """0 x (sum of trainable parameters) under DDP, 0.0 otherwise.
+    def _zero_forward_loss(self) -> torch.Tensor:
+        """0 x (sum of the outputs of a forward on one text token, no labels).
 
-        DDP (find_unused_parameters=False) fails when a trainable parameter gets no gradient,
-        which an all-bad (empty) batch does to every parameter; this adds zero gradients instead.
-        Not for FSDP: sharded parameters only take part in collectives through the forward.
+        Why a forward and not 0 x (sum of the parameters): under FSDP and ZeRO-3 parameters are
+        sharded and join the other ranks' all-gathers only inside the forward (and reduce-
+        scatters only in its backward); through `self(...)` (the LightningModule is the FSDP
+        root) and with `model.sharded` the vision branch runs too. Every trainable parameter the
+        forward reaches gets an exact zero gradient, which is what DDP needs as well.
         """
-        if self._trainer is None or self.trainer.world_size == 1:
-            return 0.0
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
-
-    def _count_skipped(self, batch: dict[str, Any]) -> None:
-        self.skipped.update(batch.get("skipped") or {})
-        # logged every batch once anything was skipped: a batch that is not a logging step
-        # (accumulation, log_every_n_steps) must not lose the count
-        for reason, count in self.skipped.items():
-            self.log(f"data/skipped/{reason}", float(count), reduce_fx="max")
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        dummy = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": None}
+        out = self(dummy)
+        parts = [t for t in (out.logits, out.loss) if isinstance(t, torch.Tensor)]
+        return torch.stack([t.float().sum() for t in parts]).sum() * 0.0
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups from the stage plan (per-module lr / weight decay)."""
@@ -180,7 +245,7 @@ class VLMModule(L.LightningModule):
         ]
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(
+        optimizer = self.optimizer_cls(
             self.param_groups(),
             lr=float(self.optim["lr"]),
             weight_decay=float(self.optim.get("weight_decay", 0.0)),
@@ -197,37 +262,124 @@ class VLMModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank calls this (Lightning's save is collective): each rank's random state and
+        bad-sample counts are gathered into `per_rank`, indexed by global rank."""
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+        per_rank = _gather_objects({"rng": _rng_state(self.device), "skipped": dict(self.skipped)})
+        total: Counter[str] = Counter()
+        for entry in per_rank:
+            total.update(entry["skipped"])
         checkpoint["vlmlab"] = {
             **self.extra_state,
-            "skipped": dict(self.skipped),
-            "rng": _rng_state(),
+            "skipped": dict(total),  # all ranks
+            "per_rank": per_rank,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("vlmlab", {})
-        self.skipped = Counter(state.get("skipped", {}))
-        self._pending_rng = state.get("rng")
+        rank = self.global_rank
+        world = self.trainer.world_size if self._trainer is not None else 1
+        per_rank = state.get("per_rank")
+        if per_rank is None:  # written before per-rank state: rank 0's RNG and counts only
+            per_rank = [{"rng": state.get("rng"), "skipped": state.get("skipped", {})}]
+        if len(per_rank) == world:
+            mine = per_rank[rank]
+            self.skipped = Counter(mine.get("skipped") or {})
+        else:
+            log.warning(
+                "the checkpoint holds the random state of %d rank(s), this run has %d: ranks "
+                "beyond the saved ones keep their fresh seed (dropout streams differ from an "
+                "uninterrupted run)",
+                len(per_rank),
+                world,
+            )
+            mine = per_rank[rank] if rank < len(per_rank) else {}
+            total: Counter[str] = Counter()
+            for entry in per_rank:
+                total.update(entry.get("skipped") or {})
+            self.skipped = total if rank == 0 else Counter()  # the global sum is kept
+        self._pending_rng = mine.get("rng")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restore the random state where the interrupted run stood (dropout, LoRA dropout),
         # after Lightning has rebuilt the loaders, which draw from the global generator.
-        pending = getattr(self, "_pending_rng", None)
-        if pending is not None:
-            _set_rng_state(pending)
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng, self.device)
             self._pending_rng = None
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def _is_fsdp2(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place. Not strategy.reduce: Lightning's puts a barrier first, which
+    under NCCL blocks the host until the device has caught up."""
+    if _distributed():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] in one process."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _scale_gradients(params: Any, scale: torch.Tensor) -> None:
+    """grad *= scale for every gradient: one foreach kernel per (kind, device, dtype) group,
+    DTensor (FSDP2) shards included; `scale` is a 0-dim fp32 tensor, never read on the host."""
+    groups: defaultdict[tuple[type, torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(
+        list
+    )
+    for param in params:
+        grad = param.grad
+        if grad is not None:
+            groups[(type(grad), grad.device, grad.dtype)].append(grad)
+    for (_, device, _), grads in groups.items():
+        # CPU-offloaded gradients: the factor follows them (a copy, not a sync per parameter)
+        factor = scale if scale.device == device else scale.to(device)
+        torch._foreach_mul_(grads, factor)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators: torch CPU, the current CUDA device, `random`, numpy."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with the stack
+        return state
+    numpy_state = cast(tuple[str, Any, int, int, float], np.random.get_state(legacy=True))
+    name, keys, pos, has_gauss, cached = numpy_state
+    state["numpy"] = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

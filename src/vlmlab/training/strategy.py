@@ -28,7 +28,13 @@ import torch
 from omegaconf import DictConfig
 
 from vlmlab.errors import ConfigError
-from vlmlab.training.deepspeed import deepspeed_available, zero_config
+from vlmlab.training.deepspeed import (
+    deepspeed_available,
+    deepspeed_strategy,
+    zero_config,
+    zero_stage,
+)
+from vlmlab.training.precision import check_precision
 from vlmlab.training.settings import plain as _plain
 from vlmlab.training.settings import settings_block
 
@@ -142,6 +148,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     world_size(trainer)
     peak_flops(trainer)
     name = strategy_name(trainer)
+    check_precision(str(trainer.get("precision", "32-true")), name)
     for key, section in (("fsdp", "fsdp"), ("deepspeed", "deepspeed")):
         if trainer.get(key) and name != section:
             log.debug("trainer.%s is set but trainer.strategy=%s: ignored", key, name)
@@ -170,9 +177,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
                 "deepspeed is requested but not installed.",
                 "`pip install deepspeed` (it compiles its ops for your CUDA), or use trainer=fsdp.",
             )
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        kwargs["strategy"] = DeepSpeedStrategy(config=config)
+        # trainable weights only in checkpoints, written atomically (training/deepspeed.py)
+        kwargs["strategy"] = deepspeed_strategy(config)
     elif name.startswith("fsdp") or name.startswith("deepspeed"):
         raise ConfigError(
             "trainer.strategy",
@@ -276,6 +282,13 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def shards_parameters(cfg: DictConfig) -> bool:
+    """FSDP or ZeRO-3: parameters live sharded and every forward all-gathers them collectively,
+    so a rank may never skip a unit (VLM.sharded) and rank-0-only generation would hang."""
+    name = strategy_name(cfg.trainer)
+    return name == "fsdp" or (name == "deepspeed" and zero_stage(cfg) == 3)
 
 
 def uses_global_token_loss(cfg: DictConfig) -> bool:
