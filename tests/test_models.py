@@ -82,6 +82,11 @@ def _forward(model: VisionLanguageModel, batch: dict[str, Any]):
     )
 
 
+def _logits(model: VisionLanguageModel, batch: dict[str, Any]) -> torch.Tensor:
+    """Full (B, T, V) logits: a forward without labels (with labels only the loss is built)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+
+
 def _n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -105,7 +110,8 @@ def test_forward_shapes_and_finite_loss(tiny_model, has_image: list[bool]) -> No
     bsz, seq = batch["input_ids"].shape
     vocab = model.llm.get_input_embeddings().num_embeddings
     assert vocab >= len(tokenizer)
-    assert out.logits.shape == (bsz, seq, vocab)
+    assert out.logits is None  # with labels the (B, T, V) logits are never built
+    assert _logits(model, batch).shape == (bsz, seq, vocab)
     assert out.loss is not None and out.loss.dim() == 0
     assert torch.isfinite(out.loss)
     assert out.loss.requires_grad
@@ -121,12 +127,11 @@ def test_each_sample_sees_only_its_own_image(tiny_model) -> None:
     has_image = [True, False, True]
     batch = _batch(model, tokenizer, has_image)
     with torch.no_grad():
-        base = _forward(model, batch).logits
+        base = _logits(model, batch)
         other = dict(batch, pixel_values=batch["pixel_values"] * -1.0)
-        changed = _forward(model, other).logits
+        changed = _logits(model, other)
         alone = [
-            _forward(model, _batch(model, tokenizer, [h], start=i)).logits
-            for i, h in enumerate(has_image)
+            _logits(model, _batch(model, tokenizer, [h], start=i)) for i, h in enumerate(has_image)
         ]
     mask = batch["attention_mask"].bool()
     # other pixels change the image rows, never the text-only row

@@ -32,7 +32,7 @@ from vlmlab.data.shards import read_manifest
 from vlmlab.data.split import Piece, WorkerPlan, batches_per_rank, plan_worker
 from vlmlab.data.tokenize import BadSample, TextEncoder
 from vlmlab.errors import ConfigError
-from vlmlab.models.vlm import IGNORE_INDEX
+from vlmlab.models.vlm import IGNORE_INDEX, target_positions
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +192,19 @@ class SampleProcessor:
         return {"id": record.get("id", raw.get("__key__")), "pixel_values": pixel_values, **encoded}
 
 
-def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+def collate(
+    samples: list[dict[str, Any]], pad_token_id: int, image_token_id: int | None = None
+) -> dict[str, Any]:
     """Right-pad ids/labels; stack images of the samples that have one, in order.
 
     `num_pad_tokens` / `num_tokens` (and their ratio `padding_fraction`) measure what length
     grouping saves; training logs them as `data/padding_fraction`.
+
+    The model's loss bookkeeping is counted here, on the CPU, so the training forward on the
+    GPU never waits for the device (`VisionLanguageModel.forward` takes these keys):
+    `target_index` (flat b*T + p of the positions whose next label is a target),
+    `num_target_tokens` (a python int) and, given `image_token_id`, `image_index` (flat b*T + p
+    of the image-token slots).
     """
     skipped: Counter[str] = Counter()
     for sample in samples:
@@ -214,6 +222,10 @@ def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         attention_mask[i, :n] = 1
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     pad_tokens, tokens = padding_counts([len(s["input_ids"]) for s in samples])
+    target_index = target_positions(labels)
+    extra: dict[str, Any] = {}
+    if image_token_id is not None:
+        extra["image_index"] = (input_ids.view(-1) == image_token_id).nonzero().view(-1)
     return {
         "ids": [s["id"] for s in samples],
         "input_ids": input_ids,
@@ -224,15 +236,19 @@ def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         "num_pad_tokens": pad_tokens,
         "num_tokens": tokens,
         "padding_fraction": pad_tokens / tokens if tokens else 0.0,
+        "target_index": target_index,
+        "num_target_tokens": int(target_index.numel()),
+        **extra,
     }
 
 
 class _Collator:
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, image_token_id: int | None = None) -> None:
         self.pad_token_id = pad_token_id
+        self.image_token_id = image_token_id
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(samples, self.pad_token_id)
+        return collate(samples, self.pad_token_id, self.image_token_id)
 
 
 class VLMDataModule(L.LightningDataModule):
@@ -348,7 +364,14 @@ class VLMDataModule(L.LightningDataModule):
             self._train,
             batch_size=None,  # the stream forms the batches from the epoch plan
             num_workers=self.num_workers,
-            collate_fn=_Collator(self.text_encoder.tokenizer.pad_token_id),
+            collate_fn=_Collator(
+                self.text_encoder.tokenizer.pad_token_id, self.text_encoder.image_token_id
+            ),
+            pin_memory=torch.cuda.is_available(),  # page-locked batches: async host-to-GPU copies
+            # Not persistent: a persistent worker keeps the ShardStream copy it was started with
+            # (torch resumes it with a seed only), so set_epoch / skip_batches on the main copy
+            # would never reach it and epoch 2 would replay epoch 1's order. Workers start anew
+            # each epoch (LLaVA stages run one epoch, so this costs one start per stage).
             persistent_workers=False,
         )
 
