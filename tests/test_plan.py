@@ -162,17 +162,16 @@ def test_activation_term_scales_with_tokens_and_checkpointing(meta7b: Any) -> No
     one = estimate_memory(model, "ddp", 1, "bf16-mixed", micro_batch=1, seq_len=2048)
     two = estimate_memory(model, "ddp", 1, "bf16-mixed", micro_batch=2, seq_len=2048)
     assert two.activations_gb > 1.9 * one.activations_gb
-    # 34 bytes x tokens x hidden x layers (16 bit) + the head's input + one loss chunk's fp32
-    # logits and their gradient
+    # 34 bytes x tokens x hidden x layers (16 bit) + the head's input + one loss chunk (14 B per logit)
     layers = 34 * 2048 * 4096 * 32
-    head = 2048 * 4096 * 2 + 8 * min(2048, getattr(model, "loss_chunk_size", LOSS_CHUNK)) * 32000
+    head = 2048 * 4096 * 2 + 14 * min(2048, getattr(model, "loss_chunk_size", LOSS_CHUNK)) * 32000
     assert one.activations_gb == pytest.approx((layers + head) / GB)
     # the loss is chunked: 16 x 2048 positions hold one chunk's rows of logits, not 32768
     chunk = getattr(model, "loss_chunk_size", LOSS_CHUNK)
     assert chunk < 2048
     big = estimate_memory(model, "fsdp", 8, "bf16-mixed", micro_batch=16, seq_len=2048)
     assert big.activations_gb == pytest.approx(
-        (16 * layers + 16 * 2048 * 4096 * 2 + 8 * chunk * 32000) / GB
+        (16 * layers + 16 * 2048 * 4096 * 2 + 14 * chunk * 32000) / GB
     )
     # checkpointing keeps each layer's input + one layer's full activations; under DDP the
     # residual stream of an fp32-master LLM is fp32, under FSDP it is bf16

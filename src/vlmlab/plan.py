@@ -37,8 +37,9 @@ it) and for the encoder (b x image tokens) only when it trains. Components that
 `stage.gradient_checkpointing` checkpoints (the rule of stages.checkpointed_components) keep
 only each layer's input (b * s * h in the residual stream's dtype: fp32 under DDP when the
 LLM's weights are fp32, else the compute dtype) plus one layer's full activations during the
-recompute. The loss path keeps the final hidden states and one chunk's fp32 logits and their
-gradient: 8 * min(chunk, b * s) * vocab (head and cross-entropy run over checkpointed chunks
+recompute. The loss path keeps the final hidden states and one chunk's logits, their fp32 copy, the
+log-softmax and the gradients: 14 * min(chunk, b * s) * vocab bytes (measured by
+benchmarks/loss_memory.py at vocab 128k; head and cross-entropy run over checkpointed chunks
 of target positions, `VisionLanguageModel.loss_chunk_size`, never the whole (b, s, vocab)
 tensor). The CUDA context, fragmentation,
 temporary buffers and communication buckets other than DDP's are not counted: treat the
@@ -314,7 +315,7 @@ def _activation_bytes(
     total += tokens * text.hidden_size * act_bytes  # final hidden states, input of the head
     vocab = model.llm.get_output_embeddings().out_features
     chunk = int(getattr(model, "loss_chunk_size", LOSS_CHUNK))
-    total += 8 * min(chunk, tokens) * vocab  # one chunk's fp32 logits + their gradient
+    total += 14 * min(chunk, tokens) * vocab  # one chunk: logits, fp32 copy, softmax, grads
     if any(p.requires_grad for p in model.encoder.parameters()):
         vision = next(model.encoder.parameters())
         layers = len(_blocks(model.encoder))
