@@ -71,6 +71,28 @@ def test_every_fsdp_unit_has_one_dtype(compose_cfg: Callable[..., DictConfig], s
         assert layers and all(next(u.parameters()).dtype == torch.bfloat16 for u in layers)
 
 
+def test_optimizer_masters_and_state_are_fp32_whatever_the_load_dtype(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    from vlmlab.training.module import VLMModule
+
+    _, model = _built(compose_cfg, "stage=2")
+    apply_master_weights(model, "bf16-mixed", "ddp")
+    module = VLMModule(model, {"lr": 2e-5}, total_steps=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert params and {p.dtype for p in params} == {torch.float32}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    states = [optimizer.state[p] for p in params]
+    assert (
+        {s["exp_avg"].dtype for s in states}
+        == {s["exp_avg_sq"].dtype for s in states}
+        == {torch.float32}
+    )
+
+
 def test_half_true_precision_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"trainer\.precision.*bf16-mixed"):
         check_precision("bf16-true", "ddp")

@@ -52,7 +52,7 @@ EXPECTED_ZERO = {
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED_ZERO))
 def test_deepspeed_presets_build_llava_zero_configs(
-    compose_cfg: Callable[..., DictConfig], preset: str
+    compose_cfg: Callable[..., DictConfig], preset: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = compose_cfg("experiment=llava15_7b", "stage=2", f"trainer={preset}", tiny_data=False)
     assert (cfg.trainer.precision, cfg.trainer.devices, cfg.trainer.num_nodes) == (
@@ -67,8 +67,13 @@ def test_deepspeed_presets_build_llava_zero_configs(
         "train_micro_batch_size_per_gpu": 16,  # LLaVA-1.5 stage 2: 16 per GPU x 8 = 128
     }
     assert not strategies.uses_global_token_loss(cfg)  # DeepSpeed owns accumulation
-    if strategies.deepspeed_available():
-        pytest.skip("deepspeed is installed here: the missing-package error cannot show")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = strategies.trainer_kwargs(cfg)["strategy"]  # deepspeed is a dev dependency
+    assert isinstance(strategy, DeepSpeedStrategy) and strategy.exclude_frozen_parameters
+    assert strategy.config["zero_optimization"] == EXPECTED_ZERO[preset]
+    # where it is not installed, the preset says what to do before anything is built
+    monkeypatch.setattr(strategies, "deepspeed_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install deepspeed") as err:
         strategies.trainer_kwargs(cfg)
     assert "trainer.strategy" in str(err.value)
@@ -99,6 +104,17 @@ def test_fsdp_gpu_preset_builds_model_parallel_strategy(
     assert not set(strategies.OUR_KEYS) & set(kwargs)
     assert strategies.fsdp_parallelizer(cfg) is not None
     assert strategies.peak_flops(cfg.trainer) == 312e12
+    assert strategy._process_group_backend is None  # Lightning's default for the device: nccl
+
+
+def test_fsdp_cpu_offload_reduces_cpu_gradients_over_gloo(
+    compose_cfg: Callable[..., DictConfig],
+) -> None:
+    """CPUOffloadPolicy keeps sharded gradients on the CPU: an NCCL-only process group cannot
+    reduce them, so the strategy asks for gloo on CPU tensors and NCCL on CUDA ones."""
+    cfg = compose_cfg("trainer=fsdp", "trainer.fsdp.cpu_offload=true", tiny_data=False)
+    strategy = strategies.trainer_kwargs(cfg)["strategy"]
+    assert strategy._process_group_backend == "cpu:gloo,cuda:nccl"
 
 
 def test_ddp_preset_passes_through(compose_cfg: Callable[..., DictConfig]) -> None:
