@@ -19,7 +19,6 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmlab.data.datamodule import collate
-from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.models.vlm import IGNORE_INDEX, VisionLanguageModel
 from vlmlab.stages.policy import lora_config, wrap_lora
@@ -44,13 +43,7 @@ def _conversation(i: int, image: bool, turns: int) -> list[dict[str, str]]:
 
 def _samples(model: VisionLanguageModel, tokenizer: Any, kinds: list[str]) -> list[dict]:
     """Real samples through the vicuna_v1 template: 'image', 'text' or 'multi' (3 turns + image)."""
-    encoder = TextEncoder(
-        tokenizer,
-        get_template("vicuna_v1", tokenizer.eos_token),
-        model.num_image_tokens,
-        model.image_token_id,
-        max_length=512,
-    )
+    encoder = TextEncoder.for_model(model, tokenizer, "vicuna_v1", 512)
     samples = []
     for i, kind in enumerate(kinds):
         image = kind in ("image", "multi")

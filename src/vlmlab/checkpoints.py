@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -222,6 +223,46 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a checkpoint file or folder (a sharded / DeepSpeed checkpoint is a folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every file under `root` (and the folders), so a rename publishes durable data."""
+    if not root.exists():
+        return
+    folders = [root]
+    if files:
+        for dirpath, _dirs, names in os.walk(root):
+            folders.append(Path(dirpath))
+            for name in names:
+                try:
+                    with open(Path(dirpath) / name, "rb") as handle:
+                        os.fsync(handle.fileno())
+                except OSError as err:  # fsync unsupported here: the rename is still atomic
+                    log.debug("fsync %s: %s", name, err)
+    for folder in folders:
+        _fsync_dir(folder)
+
+
+def publish_folder(staged: Path, path: Path) -> None:
+    """Swap a fully written checkpoint folder in; the one it replaces stays as `<path>.prev`.
+
+    Why: sharded savers (FSDP's torch.distributed.checkpoint, DeepSpeed) write many files in
+    place; writing to `<path>.tmp` and renaming means a kill mid-save never leaves `path` torn.
+    """
+    previous = path.with_name(path.name + ".prev")
+    if path.exists():
+        remove_path(previous)
+        os.replace(path, previous)
+    os.replace(staged, path)
+    fsync_tree(path.parent, files=False)
 
 
 def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = True) -> None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from vlmlab import checkpoints
 from vlmlab.errors import ConfigError
 from vlmlab.training.settings import settings_block
 
@@ -156,25 +155,20 @@ def deepspeed_strategy_class() -> type:
             path = Path(self.broadcast(str(filepath)))
             staged = path.with_name(path.name + ".tmp")
             if self.global_rank == 0:
-                _remove(staged)
+                checkpoints.remove_path(staged)
             self.barrier("vlmlab-ds-ckpt-clean")
             super().save_checkpoint(checkpoint, str(staged), storage_options)
             if self.local_rank == 0:
-                _fsync_tree(staged)
+                checkpoints.fsync_tree(staged)
             self.barrier("vlmlab-ds-ckpt-written")
             if self.global_rank == 0:
-                previous = path.with_name(path.name + ".prev")
-                if path.exists():
-                    _remove(previous)
-                    os.replace(path, previous)
-                os.replace(staged, path)
-                _fsync_tree(path.parent, files=False)
+                checkpoints.publish_folder(staged, path)
             self.barrier("vlmlab-ds-ckpt-swapped")
 
         def remove_checkpoint(self, filepath: Any) -> None:
             if self.global_rank == 0:
                 for suffix in ("", ".prev"):
-                    _remove(Path(str(filepath) + suffix))
+                    checkpoints.remove_path(Path(str(filepath) + suffix))
 
     return AtomicDeepSpeedStrategy
 
@@ -195,37 +189,3 @@ def deepspeed_strategy(
     cls = strategy_class or deepspeed_strategy_class()
     kwargs.setdefault("exclude_frozen_parameters", True)
     return cls(config=copy.deepcopy(config), **kwargs)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _fsync_tree(root: Path, files: bool = True) -> None:
-    """fsync every file under `root` (and the folders), so a rename publishes durable data."""
-    if not root.exists():
-        return
-    folders = [root]
-    if files:
-        for dirpath, _dirs, names in os.walk(root):
-            folders.append(Path(dirpath))
-            for name in names:
-                try:
-                    with open(Path(dirpath) / name, "rb") as handle:
-                        os.fsync(handle.fileno())
-                except OSError as err:  # fsync unsupported here: the rename is still atomic
-                    log.debug("fsync %s: %s", name, err)
-    for folder in folders:
-        try:
-            fd = os.open(folder, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)

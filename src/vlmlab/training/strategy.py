@@ -18,8 +18,6 @@ ConfigError naming the key.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from vlmlab import checkpoints
 from vlmlab.errors import ConfigError
 from vlmlab.training.deepspeed import (
     deepspeed_available,
@@ -262,26 +261,15 @@ def model_parallel_strategy(**kwargs: Any) -> Any:
             path = Path(self.broadcast(str(filepath)))
             staged = path.with_name(path.name + ".tmp")
             if self.global_rank == 0:
-                _remove(staged)
+                checkpoints.remove_path(staged)
             self.barrier("vlmlab-ckpt-clean")
             super().save_checkpoint(checkpoint, staged, storage_options)
             self.barrier("vlmlab-ckpt-written")
             if self.global_rank == 0:
-                previous = path.with_name(path.name + ".prev")
-                if path.exists():
-                    _remove(previous)
-                    os.replace(path, previous)
-                os.replace(staged, path)
+                checkpoints.publish_folder(staged, path)
             self.barrier("vlmlab-ckpt-swapped")
 
     return AtomicModelParallelStrategy(**kwargs)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def shards_parameters(cfg: DictConfig) -> bool:
