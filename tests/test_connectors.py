@@ -1,9 +1,16 @@
-"""Connectors: every option in conf/connector/ builds with the tiny encoder and LLM, keeps the
-shape/token-count contract, trains end to end inside the VLM, and has its documented size."""
+"""Connectors: every option of the `connector` config group builds with the tiny encoder and LLM,
+keeps the shape/token-count contract, trains end to end inside the VLM, and has the size its
+class's `expected_num_parameters` states (the README table's formula and numbers).
+
+The options are the group's YAML files as Hydra lists them (`connector_options`), so a new
+connector is one .py plus one YAML, here or in a config dir on `hydra.searchpath`
+(tests/test_registry.py adds one from a temp folder and runs these tests on it)."""
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +25,52 @@ from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.models import build_vlm
-from vlmlab.models.connectors.linear import LinearConnector
 from vlmlab.models.connectors.mlp import MLPConnector
-from vlmlab.models.connectors.qformer import QFormerConnector
 from vlmlab.models.connectors.resampler import ResamplerConnector, sincos_2d
 from vlmlab.models.vlm import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIONS = sorted(p.stem for p in (REPO / "conf" / "connector").glob("*.yaml"))
+
+
+def searchpath_override(*config_dirs: Path) -> str:
+    """`hydra.searchpath=[file://...]`: extra config dirs whose groups extend conf/'s."""
+    return "hydra.searchpath=[" + ",".join(f"file://{Path(d).resolve()}" for d in config_dirs) + "]"
+
+
+def connector_options(*config_dirs: Path) -> list[str]:
+    """The `connector` group's options as Hydra lists them (conf/ plus the extra config dirs)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    from vlmlab.config import conf_dir
+
+    overrides = [searchpath_override(*config_dirs)] if config_dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            return sorted(
+                loader.get_group_options(
+                    "connector", ObjectType.CONFIG, config_name="train", overrides=overrides
+                )
+            )
+    finally:
+        GlobalHydra.instance().clear()
+
+
+class SearchPathCompose:
+    """compose_cfg with extra config dirs on Hydra's search path (a drop-in for the fixture)."""
+
+    def __init__(self, compose_cfg: Callable[..., DictConfig], *config_dirs: Path) -> None:
+        self.compose_cfg = compose_cfg
+        self.override = searchpath_override(*config_dirs)
+
+    def __call__(self, *overrides: str) -> DictConfig:
+        return self.compose_cfg(self.override, *overrides)
+
+
+OPTIONS = connector_options()
 # Options too big to train on 2 CPU cores at their shipped size (the BERT-base Q-Former is
 # 100M parameters): the same code and YAML, with small widths. Their shipped size is checked on
 # the meta device in test_parameter_counts_match_formulas_and_docs.
@@ -37,13 +82,6 @@ SMALL = {
         "connector.depth=2",
     )
 }
-CLASSES = {
-    "linear": LinearConnector,
-    "mlp": MLPConnector,
-    "tiny": MLPConnector,
-    "resampler": ResamplerConnector,
-    "qformer": QFormerConnector,
-}
 
 
 _COMPOSED: dict[tuple[str, ...], DictConfig] = {}
@@ -51,9 +89,10 @@ _COMPOSED: dict[tuple[str, ...], DictConfig] = {}
 
 def _compose(compose_cfg: Any, *overrides: str) -> DictConfig:
     """Compose once per override list (composition costs more than building the tiny VLM)."""
-    if overrides not in _COMPOSED:
-        _COMPOSED[overrides] = compose_cfg(*overrides)
-    return _COMPOSED[overrides]
+    key = (getattr(compose_cfg, "override", ""), *overrides)
+    if key not in _COMPOSED:
+        _COMPOSED[key] = compose_cfg(*overrides)
+    return _COMPOSED[key]
 
 
 def _build(compose_cfg: Any, option: str, *overrides: str) -> tuple[Any, Any]:
@@ -77,9 +116,24 @@ def _knobs(cfg: DictConfig) -> dict[str, Any]:
     return {str(k): v for k, v in node.items() if k != "init_seed"}
 
 
-def test_every_option_is_covered() -> None:
-    assert set(OPTIONS) == set(CLASSES), "a new connector option needs its class listed here"
-    assert {"linear", "mlp", "resampler", "qformer"} <= set(OPTIONS)
+def _formula(cfg: DictConfig, in_features: int, out_features: int) -> int:
+    """The size the YAML's class states for its knobs (`expected_num_parameters`)."""
+    knobs = _knobs(cfg)
+    cls: Any = get_class(str(knobs.pop("_target_")))
+    return int(cls.expected_num_parameters(in_features, out_features, **knobs))
+
+
+def test_the_shipped_options_are_listed() -> None:
+    assert {"linear", "mlp", "resampler", "qformer", "tiny"} <= set(OPTIONS)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_option_names_a_connector_with_a_size_formula(compose_cfg, option: str) -> None:
+    """`_target_` is a class with num_tokens and the README's formula as a classmethod."""
+    cls = get_class(str(_compose(compose_cfg, f"connector={option}").connector._target_))
+    assert callable(getattr(cls, "num_tokens", None)), f"{cls.__name__} has no num_tokens"
+    formula = getattr(cls, "expected_num_parameters", None)
+    assert callable(formula), f"{cls.__name__} needs a classmethod expected_num_parameters"
 
 
 # ----------------------------------------------------------------------------- contract
@@ -89,12 +143,13 @@ def test_every_option_is_covered() -> None:
 def test_shape_tokens_and_gradients(compose_cfg, option: str) -> None:
     model, _ = _build(compose_cfg, option)
     connector: Any = model.connector
-    assert type(model.connector) is CLASSES[option]
+    target = _compose(compose_cfg, f"connector={option}").connector._target_
+    assert type(model.connector) is get_class(str(target))
     llm_width = model.llm.get_input_embeddings().embedding_dim
     n = model.encoder.num_tokens  # 16 patches (4 x 4) of the tiny encoder
     m = connector.num_tokens(n)
     assert model.num_image_tokens == m
-    if option in ("resampler", "qformer"):
+    if hasattr(connector, "num_queries"):  # query connectors: a fixed number of tokens
         assert m == connector.num_queries != n
         assert m == _compose(compose_cfg, f"connector={option}").connector.num_queries
         assert all(connector.num_tokens(k) == m for k in (1, 4, 9, 576))  # N = g*g of any size
@@ -315,48 +370,16 @@ def test_bad_knob_through_build_vlm_is_a_config_error(
 
 # ----------------------------------------------------------------------------- sizes
 
-
-def linear_params(dv: int, dl: int) -> int:
-    return dv * dl + dl
-
-
-def mlp_params(dv: int, dl: int, depth: int) -> int:
-    return dv * dl + dl + (depth - 1) * (dl * dl + dl)
+# LLaVA-1.5 shapes: CLIP ViT-L/14-336 (1024) -> Vicuna-7B (4096), as in README.md's table.
+LLAVA15 = (1024, 4096)
 
 
-def attention_params(h: int, kv: int | None = None) -> int:
-    """nn.MultiheadAttention: q, k, v projections (k, v from width kv) with biases, output."""
-    kv = kv or h
-    return h * h + 2 * h * kv + 3 * h + h * h + h
-
-
-def resampler_params(
-    dv: int, dl: int, q: int, depth: int, h: int | None = None, mlp_ratio: int = 0
-) -> int:
-    h = h or dl
-    layer = 2 * h + attention_params(h)
-    if mlp_ratio:
-        r = mlp_ratio * h
-        layer += 2 * h + h * r + r + r * h + h
-    return q * h + (dv * h + h) + 2 * h + depth * layer + 2 * h + (h * dl + dl)
-
-
-def qformer_params(
-    dv: int, dl: int, q: int, depth: int, h: int, inter: int, cross_every: int = 1
-) -> int:
-    per_layer = attention_params(h) + 2 * h + (h * inter + inter + inter * h + h) + 2 * h
-    cross = attention_params(h, dv) + 2 * h
-    crossing = len(range(0, depth, cross_every))
-    return 2 * dv + q * h + 2 * h + depth * per_layer + crossing * cross + h * dl + dl
-
-
-# LLaVA-1.5 shapes: CLIP ViT-L/14-336 (1024) -> Vicuna-7B (4096); the numbers in README.md.
-DOCUMENTED = {
-    "linear": 4_198_400,
-    "mlp": 20_979_712,  # mlp2x_gelu: both layers have a bias
-    "resampler": 88_391_680,  # 64 queries, 1 layer, width 4096, 32 heads, sincos2d
-    "qformer": 121_317_888,  # 32 queries, 12 layers, width 768, FFN 3072, cross-attn every layer
-}
+def readme_counts() -> dict[str, int]:
+    """README.md's connector table: option -> its stated parameter count (the last column)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Connectors", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)`[^\n]*\| ([\d,]+) \|$", section, flags=re.M)
+    return {option: int(count.replace(",", "")) for option, count in rows}
 
 
 def _shipped(compose_cfg: Any, option: str, dv: int, dl: int, *overrides: str) -> Any:
@@ -368,36 +391,63 @@ def _shipped(compose_cfg: Any, option: str, dv: int, dl: int, *overrides: str) -
         return instantiate(knobs, in_features=dv, out_features=dl, _convert_="all")
 
 
-def test_parameter_counts_match_formulas_and_docs(compose_cfg) -> None:
-    dv, dl = 1024, 4096
-    counted = {option: _n_params(_shipped(compose_cfg, option, dv, dl)) for option in DOCUMENTED}
-    assert counted["linear"] == linear_params(dv, dl) == 4_198_400
-    assert counted["mlp"] == mlp_params(dv, dl, 2) == 20_979_712
-    assert counted["resampler"] == resampler_params(dv, dl, q=64, depth=1)
-    assert counted["qformer"] == qformer_params(dv, dl, q=32, depth=12, h=768, inter=3072)
-    assert counted == DOCUMENTED
-    readme = (REPO / "README.md").read_text()
-    for option, n in DOCUMENTED.items():
-        assert f"{n:,}" in readme, f"README.md does not state the {option} count {n:,}"
-    # BLIP-2's own cross-attention frequency, and the other knobs
-    blip2 = _shipped(compose_cfg, "qformer", dv, dl, "cross_attention_freq=2")
-    assert _n_params(blip2) == qformer_params(dv, dl, 32, 12, 768, 3072, 2) == 104_775_168
-    assert f"{104_775_168:,}" in readme
-    qwen_vl = _shipped(compose_cfg, "resampler", 1664, dl, "num_queries=256")
-    assert _n_params(qwen_vl) == resampler_params(1664, dl, q=256, depth=1)
-    perceiver = _shipped(
-        compose_cfg,
-        "resampler",
-        dv,
-        dl,
-        "depth=3",
-        "mlp_ratio=4",
-        "hidden_size=1024",
-        "pos_embed=none",
+def _shipped_formula(compose_cfg: Any, option: str, dv: int, dl: int, *overrides: str) -> int:
+    cfg = _compose(compose_cfg, f"connector={option}")
+    node = OmegaConf.merge(cfg.connector, OmegaConf.from_dotlist(list(overrides)))
+    return _formula(OmegaConf.create({"connector": node}), dv, dl)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_shipped_size_matches_its_class_formula(compose_cfg, option: str) -> None:
+    """Each YAML as shipped, at LLaVA-1.5 shapes on the meta device: counted == its formula."""
+    dv, dl = LLAVA15
+    assert _n_params(_shipped(compose_cfg, option, dv, dl)) == _shipped_formula(
+        compose_cfg, option, dv, dl
     )
-    assert _n_params(perceiver) == resampler_params(dv, dl, 64, 3, h=1024, mlp_ratio=4)
+
+
+def test_readme_table_states_the_formulas_values(compose_cfg) -> None:
+    dv, dl = LLAVA15
+    documented = readme_counts()
+    assert {"linear", "mlp", "resampler", "qformer"} <= set(documented), documented
+    assert set(documented) <= set(OPTIONS), "README documents an option conf/ does not have"
+    for option, n in documented.items():
+        assert _n_params(_shipped(compose_cfg, option, dv, dl)) == n, option
+        assert _shipped_formula(compose_cfg, option, dv, dl) == n, option
+    # hand arithmetic for the two one-liners (both biases of mlp2x_gelu count)
+    assert documented["linear"] == 1024 * 4096 + 4096 == 4_198_400
+    assert documented["mlp"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096 == 20_979_712
+    # BLIP-2's own cross-attention frequency, stated in the README prose
+    blip2 = _shipped(compose_cfg, "qformer", dv, dl, "cross_attention_freq=2")
+    freq2 = _shipped_formula(compose_cfg, "qformer", dv, dl, "cross_attention_freq=2")
+    assert _n_params(blip2) == freq2 == 104_775_168
+    assert f"{104_775_168:,}" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("option", "dv", "overrides"),
+    [
+        ("resampler", 1664, ("num_queries=256",)),  # Qwen-VL: ViT-bigG width, 256 queries
+        ("resampler", 1024, ("depth=3", "mlp_ratio=4", "hidden_size=1024", "pos_embed=none")),
+        ("qformer", 1024, ("cross_attention_freq=3", "depth=4")),
+        ("mlp", 1024, ("depth=3",)),
+    ],
+    ids=["qwen-vl", "perceiver", "qformer-freq3", "mlp-depth3"],
+)
+def test_formula_follows_every_knob(
+    compose_cfg, option: str, dv: int, overrides: tuple[str, ...]
+) -> None:
+    dl = LLAVA15[1]
+    counted = _n_params(_shipped(compose_cfg, option, dv, dl, *overrides))
+    assert counted == _shipped_formula(compose_cfg, option, dv, dl, *overrides)
+    assert counted != _shipped_formula(compose_cfg, option, dv, dl)  # the knob changed the size
+
+
+def test_mlp_formula_without_hydra() -> None:
     with torch.device("meta"):
-        assert _n_params(MLPConnector(dv, dl, depth=3)) == mlp_params(dv, dl, 3)
+        assert _n_params(MLPConnector(1024, 4096, depth=3)) == MLPConnector.expected_num_parameters(
+            1024, 4096, depth=3
+        )
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -406,11 +456,5 @@ def test_built_connector_size_matches_formula(compose_cfg, option: str) -> None:
     model, _ = _build(compose_cfg, option)
     dv, dl = model.encoder.hidden_size, model.llm.config.hidden_size
     assert (dv, dl) == (64, 128)
-    expected = {
-        "linear": lambda: linear_params(dv, dl),
-        "mlp": lambda: mlp_params(dv, dl, 2),
-        "tiny": lambda: mlp_params(dv, dl, 2),
-        "resampler": lambda: resampler_params(dv, dl, q=64, depth=1),
-        "qformer": lambda: qformer_params(dv, dl, q=32, depth=2, h=64, inter=128),
-    }[option]()
-    assert _n_params(model.connector) == expected
+    cfg = _compose(compose_cfg, f"connector={option}", *SMALL.get(option, ()))
+    assert _n_params(model.connector) == _formula(cfg, dv, dl)

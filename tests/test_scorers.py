@@ -1,10 +1,104 @@
-"""Scorers on hand-made cases whose values follow from each benchmark's definition."""
+"""Scorers on hand-made cases whose values follow from each benchmark's definition, and every
+registered scorer (enumerated from the registry, built-in or user) through the runner's code."""
 
 from __future__ import annotations
 
+import json
+import pkgutil
+from pathlib import Path
+
 import pytest
 
-from vlmlab.eval import scorers
+from vlmlab.eval import runner, scorers
+
+SCORERS = scorers.registered()  # the registry: this package's modules, $VLMLAB_SCORERS, ...
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_the_builtin_types_are_registered() -> None:
+    assert {"vqa", "exact", "pope", "mc"} <= set(SCORERS)
+    assert scorers.DEFAULT_TYPE in SCORERS
+
+
+def test_every_module_of_the_package_registers_a_scorer() -> None:
+    """Discovery is by import: a file in vlmlab/eval/scorers/ needs no list entry anywhere."""
+    modules = {m.name for m in pkgutil.iter_modules(scorers.__path__) if m.name != "base"}
+    registry = scorers.discover()
+    owners = {cls.__module__.rsplit(".", 1)[-1] for cls in registry.values()}
+    assert modules <= owners, f"modules without a registered Scorer: {modules - owners}"
+
+
+def _bench(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name", SCORERS)
+def test_every_scorer_scores_its_example_through_the_runner(name: str, tmp_path: Path) -> None:
+    """The scorer's example row parses; its right answer scores 1, its wrong one less, and the
+    summary's accuracy is their mean, with and without circular evaluation."""
+    cls = scorers.discover()[name]
+    assert cls.example, f"{cls.__qualname__} needs an `example` row"
+    rows = [{**cls.example, "id": tag, "type": name} for tag in ("right", "wrong")]
+    rows.append({k: v for k, v in rows[0].items() if k not in ("answer", "answers")} | {"id": "x"})
+    items, rejected = runner.read_benchmark(_bench(tmp_path / f"{name}.jsonl", rows))
+    assert [i.id for i in items] == ["right", "wrong"]
+    assert [r["line"] for r in rejected] == [3] and "no answer" in rejected[0]["reason"]
+    for circular in (False, True):
+        predictions = []
+        for item in items:
+            answer = cls.example_right if item.id == "right" else cls.example_wrong
+            queries = runner._queries(item, short_answer_prompt=True, circular=circular)
+            assert queries and all(q.item is item for q in queries)
+            predictions += [runner.prediction_row(q, answer) for q in queries]
+        by_id = {i.id: [r["score"] for r in predictions if r["id"] == i.id] for i in items}
+        assert all(0.0 <= s <= 1.0 for scores in by_id.values() for s in scores)
+        right = scorers.get_scorer(name).item_score(by_id["right"])
+        wrong = scorers.get_scorer(name).item_score(by_id["wrong"])
+        assert right == 1.0 and wrong < 1.0, (name, circular, by_id)
+        metrics = runner.summarize(predictions, items, circular)
+        assert metrics["accuracy"] == pytest.approx((right + wrong) / 2)
+
+
+def test_an_unknown_type_is_rejected_listing_every_registered_type(tmp_path: Path) -> None:
+    bench = _bench(
+        tmp_path / "b.jsonl", [{"id": "a", "question": "Q", "answer": "x", "type": "essay"}]
+    )
+    items, rejected = runner.read_benchmark(bench)
+    assert items == []
+    reason = rejected[0]["reason"]
+    assert "'essay'" in reason
+    assert all(name in reason for name in SCORERS)
+
+
+def test_a_type_taken_by_another_class_is_refused() -> None:
+    from vlmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="two scorers for type 'exact'"):
+
+        class Again(scorers.Scorer):
+            name = "exact"
+
+    assert scorers.discover()["exact"] is scorers.ExactScorer
+
+
+def test_mixed_benchmark_metrics_keep_their_names(tmp_path: Path) -> None:
+    """POPE's table is prefixed beside other types; circular mc adds the first-rotation score."""
+    rows: list[dict[str, object]] = [
+        {"id": "p", "question": "Dog?", "answer": "yes", "type": "pope"},
+        {"id": "m", "question": "Pick", "options": ["x", "y"], "answer": "A", "type": "mc"},
+    ]
+    items, _ = runner.read_benchmark(_bench(tmp_path / "b.jsonl", rows))
+    queries = [q for i in items for q in runner._queries(i, False, circular=True)]
+    predicted = [runner.prediction_row(q, "yes" if q.item.type == "pope" else "A") for q in queries]
+    metrics = runner.summarize(predicted, items, circular=True)
+    assert metrics["accuracy"] == 0.5  # pope right; mc right in rotation 0 only
+    assert metrics["accuracy_first_rotation"] == 1.0
+    assert metrics["pope_accuracy"] == 1.0 and metrics["pope_yes_ratio"] == 1.0
+    only_pope = runner.summarize(predicted[:1], items[:1], circular=True)
+    assert set(only_pope) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+
 
 # ----------------------------------------------------------------------------- VQAv2
 

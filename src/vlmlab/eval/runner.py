@@ -1,8 +1,9 @@
 """`vlmlab eval`: answer benchmark JSONL files with a model and score them.
 
 One JSONL row per question: {id, image (relative to the file's folder, or absolute; optional),
-question, answer (str) or answers (list), type: vqa|exact|pope|mc, options (mc)}. A row that
-cannot be scored (invalid JSON, no answer, missing image, ...) is rejected with its line number,
+question, answer (str) or answers (list), type (a registered scorer: vqa|exact|pope|mc built in,
+more from `vlmlab.eval.scorers`; default exact), options (mc)}. A row that cannot be scored
+(invalid JSON, no answer, missing image, unknown type, ...) is rejected with its line number,
 reported and listed in summary.json; the other rows are scored.
 """
 
@@ -12,7 +13,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +23,12 @@ from vlmlab.errors import ConfigError
 from vlmlab.eval import scorers
 from vlmlab.eval.generate import GenerationConfig, Generator, Request
 from vlmlab.eval.loading import add_device_arguments, load_model
+from vlmlab.eval.scorers import MC_PROMPT as MC_PROMPT  # re-exported: prompts live with scorers
+from vlmlab.eval.scorers import SHORT_ANSWER_PROMPT as SHORT_ANSWER_PROMPT
+from vlmlab.eval.scorers import Item, Query
+from vlmlab.eval.scorers import RowError as _Reject
 
 log = logging.getLogger(__name__)
-
-TYPES = ("vqa", "exact", "pope", "mc")
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
-MC_PROMPT = "Answer with the option's letter from the given choices directly."
-
-
-@dataclass
-class Item:
-    """A validated benchmark row."""
-
-    id: str
-    line: int
-    question: str
-    type: str
-    answers: list[str]
-    image: Path | None = None
-    options: list[str] = field(default_factory=list)
-    answer_index: int = -1  # mc: the correct option
-
-
-class _Reject(Exception):
-    pass
 
 
 def _answers(row: dict[str, Any]) -> list[str]:
@@ -59,40 +41,26 @@ def _answers(row: dict[str, Any]) -> list[str]:
     raise _Reject("no answer: give `answer` (a string) or `answers` (a list of strings)")
 
 
-def _parse_row(row: Any, line: int, folder: Path) -> Item:
+def _parse_row(
+    row: Any, line: int, folder: Path, registry: dict[str, type[scorers.Scorer]] | None = None
+) -> Item:
+    """The generic checks (question, answer, image), then the row type's scorer's own."""
     if not isinstance(row, dict):
         raise _Reject("not a JSON object")
-    kind = row.get("type", "exact")
-    if kind not in TYPES:
-        raise _Reject(f"type {kind!r} is not one of {', '.join(TYPES)}")
+    kind = row.get("type", scorers.DEFAULT_TYPE)
+    scorer = scorers.get_scorer(kind, registry)  # unknown type: rejected, naming the known ones
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise _Reject("no question")
     answers = _answers(row)
-    item = Item(str(row.get("id", f"line{line}")), line, question, kind, answers)
+    item = Item(str(row.get("id", f"line{line}")), line, question, kind, answers, row=row)
     if row.get("image"):
         image = Path(str(row["image"]))
         image = image if image.is_absolute() else folder / image
         if not image.is_file():
             raise _Reject(f"image not found: {image}")
         item.image = image
-    if kind == "vqa" and len(answers) < 2:
-        raise _Reject("vqa needs the list of human answers (VQAv2 has 10); use type exact for one")
-    if kind == "pope" and answers[0].strip().lower() not in ("yes", "no"):
-        raise _Reject(f"pope answer must be yes or no, got {answers[0]!r}")
-    if kind == "mc":
-        options = row.get("options")
-        if not isinstance(options, list) or len(options) < 2 or len(options) > 26:
-            raise _Reject("mc needs `options`: a list of 2 to 26 strings")
-        item.options = [str(o) for o in options]
-        letters = scorers.LETTERS[: len(options)]
-        gold = answers[0].strip()
-        if gold.upper().strip("().") in letters and len(gold.strip("().")) == 1:
-            item.answer_index = letters.index(gold.upper().strip("()."))
-        elif gold in item.options:
-            item.answer_index = item.options.index(gold)
-        else:
-            raise _Reject(f"mc answer {gold!r} is neither an option letter nor an option's text")
+    scorer.validate(item)
     return item
 
 
@@ -101,12 +69,13 @@ def read_benchmark(path: Path) -> tuple[list[Item], list[dict[str, Any]]]:
     items: list[Item] = []
     rejected: list[dict[str, Any]] = []
     seen: set[str] = set()
+    registry = scorers.discover()
     with open(path, encoding="utf-8") as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue
             try:
-                item = _parse_row(json.loads(text), line, path.parent)
+                item = _parse_row(json.loads(text), line, path.parent, registry)
                 if item.id in seen:
                     raise _Reject(f"duplicate id {item.id!r}")
             except json.JSONDecodeError as err:
@@ -122,70 +91,45 @@ def read_benchmark(path: Path) -> tuple[list[Item], list[dict[str, Any]]]:
     return items, rejected
 
 
-@dataclass
-class Query:
-    """One prompt sent to the model: an item, possibly with its options rotated (circular)."""
-
-    item: Item
-    text: str
-    options: list[str]
-    answer_index: int
-    rotation: int = 0
-
-
 def _queries(item: Item, short_answer_prompt: bool, circular: bool) -> list[Query]:
-    if item.type != "mc":
-        text = item.question
-        if short_answer_prompt and item.type in ("vqa", "exact"):
-            text += "\n" + SHORT_ANSWER_PROMPT
-        return [Query(item, text, [], -1)]
-    queries = []
-    for shift in range(len(item.options) if circular else 1):
-        options, answer = scorers.rotate_options(item.options, item.answer_index, shift)
-        lines = [item.question, *(f"{scorers.LETTERS[i]}. {o}" for i, o in enumerate(options))]
-        if short_answer_prompt:
-            lines.append(MC_PROMPT)
-        queries.append(Query(item, "\n".join(lines), options, answer, shift))
-    return queries
+    return scorers.get_scorer(item.type).queries(item, short_answer_prompt, circular)
 
 
 def score(query: Query, prediction: str) -> float:
-    """The query's score under its benchmark type (pure: the scorers module does the work)."""
-    item = query.item
-    if item.type == "vqa":
-        return scorers.vqa_accuracy(prediction, item.answers)
-    if item.type == "exact":
-        return scorers.exact_match(prediction, item.answers)
-    if item.type == "pope":
-        return float(scorers.pope_parse(prediction) == item.answers[0].strip().lower())
-    return scorers.choice_correct(prediction, query.options, query.answer_index)
+    """The query's score under its benchmark type (pure: its scorer does the work)."""
+    return scorers.get_scorer(query.item.type).score(query, prediction)
+
+
+def prediction_row(query: Query, prediction: str) -> dict[str, Any]:
+    """One line of predictions.jsonl: the query, the model's answer and its score."""
+    return {
+        "id": query.item.id,
+        "question": query.text,
+        "prediction": prediction,
+        "answers": query.item.answers,
+        "score": score(query, prediction),
+        "type": query.item.type,
+        **({"options": query.options, "rotation": query.rotation} if query.options else {}),
+    }
 
 
 def summarize(rows: list[dict[str, Any]], items: list[Item], circular: bool) -> dict[str, float]:
-    """Benchmark metrics: accuracy over items (circular mc: every rotation right), POPE extras."""
+    """`accuracy` over items (each scorer folds its item's queries), then each type's own metrics."""
     by_item: dict[str, list[float]] = {}
     for row in rows:
         by_item.setdefault(row["id"], []).append(row["score"])
     metrics: dict[str, float] = {}
     if items:
         per_item = [
-            float(all(s == 1.0 for s in by_item[i.id])) if i.type == "mc" else by_item[i.id][0]
-            for i in items
-            if i.id in by_item
+            scorers.get_scorer(i.type).item_score(by_item[i.id]) for i in items if i.id in by_item
         ]
         metrics["accuracy"] = sum(per_item) / len(per_item) if per_item else 0.0
-    if circular and any(i.type == "mc" for i in items):
-        first = [r["score"] for r in rows if r["type"] == "mc" and r["rotation"] == 0]
-        metrics["accuracy_first_rotation"] = sum(first) / len(first)
-    pope = [r for r in rows if r["type"] == "pope"]
-    if pope:
-        pope_metrics = scorers.pope_metrics(
-            [r["prediction"] for r in pope], [r["answers"][0] for r in pope]
-        )
-        prefix = "" if len(pope) == len(rows) else "pope_"
-        for key, value in pope_metrics.items():
-            if prefix or key != "accuracy":
-                metrics[prefix + key] = value
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_type.setdefault(row["type"], []).append(row)
+    for kind, typed in by_type.items():
+        scorer = scorers.get_scorer(kind)
+        metrics.update(scorer.metrics(typed, mixed=len(typed) != len(rows), circular=circular))
     return metrics
 
 
@@ -232,21 +176,7 @@ def run_benchmark(
             batch.append(query)
             requests.append(Request([Turn("human", text)], image))
         for query, prediction in zip(batch, generator(requests, config)):
-            rows.append(
-                {
-                    "id": query.item.id,
-                    "question": query.text,
-                    "prediction": prediction,
-                    "answers": query.item.answers,
-                    "score": score(query, prediction),
-                    "type": query.item.type,
-                    **(
-                        {"options": query.options, "rotation": query.rotation}
-                        if query.options
-                        else {}
-                    ),
-                }
-            )
+            rows.append(prediction_row(query, prediction))
     scored = {r["id"] for r in rows}
     items = [i for i in items if i.id in scored]
     summary = {

@@ -11,6 +11,11 @@ class LinearConnector(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_features, out_features)
 
+    @classmethod
+    def expected_num_parameters(cls, in_features: int, out_features: int) -> int:
+        """Dv*Dl + Dl."""
+        return in_features * out_features + out_features
+
     def num_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens
 

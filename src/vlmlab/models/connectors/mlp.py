@@ -18,6 +18,12 @@ class MLPConnector(nn.Module):
             layers += [nn.GELU(), nn.Linear(out_features, out_features)]
         self.layers = nn.Sequential(*layers)
 
+    @classmethod
+    def expected_num_parameters(cls, in_features: int, out_features: int, depth: int = 2) -> int:
+        """Dv*Dl + Dl + (depth-1)(Dl^2 + Dl): both biases of mlp2x_gelu count."""
+        dl = out_features
+        return in_features * dl + dl + (depth - 1) * (dl * dl + dl)
+
     def num_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.connectors import attention_parameters
 
 
 class QFormerLayer(nn.Module):
@@ -107,6 +108,33 @@ class QFormerConnector(nn.Module):
             for i in range(depth)
         )
         self.proj = nn.Linear(hidden_size, out_features)
+
+    @classmethod
+    def expected_num_parameters(
+        cls,
+        in_features: int,
+        out_features: int,
+        num_queries: int = 32,
+        depth: int = 12,
+        hidden_size: int = 768,
+        num_heads: int = 12,
+        intermediate_size: int = 3072,
+        cross_attention_freq: int = 1,
+    ) -> int:
+        """The class docstring's formula (the number of heads adds nothing)."""
+        h, inter, dv = hidden_size, intermediate_size, in_features
+        per_layer = attention_parameters(h) + 2 * h + (h * inter + inter + inter * h + h) + 2 * h
+        cross = attention_parameters(h, dv) + 2 * h
+        crossing = len(range(0, depth, cross_attention_freq))
+        return (
+            2 * dv  # ln_vision
+            + num_queries * h
+            + 2 * h  # ln_queries
+            + depth * per_layer
+            + crossing * cross
+            + h * out_features
+            + out_features
+        )
 
     def num_tokens(self, num_input_tokens: int) -> int:
         return self.num_queries

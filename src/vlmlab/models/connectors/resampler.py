@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.connectors import attention_parameters
 
 POS_EMBEDS = ("sincos2d", "none")
 
@@ -138,6 +139,27 @@ class ResamplerConnector(nn.Module):
         )
         self.ln_post = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, out_features)
+
+    @classmethod
+    def expected_num_parameters(
+        cls,
+        in_features: int,
+        out_features: int,
+        num_queries: int = 64,
+        depth: int = 1,
+        hidden_size: int | None = None,
+        num_heads: int = 32,
+        pos_embed: str = "sincos2d",
+        mlp_ratio: int = 0,
+    ) -> int:
+        """The class docstring's formula (heads and the sin-cos encoding add nothing)."""
+        h = hidden_size or out_features
+        layer = 2 * h + attention_parameters(h)
+        if mlp_ratio:
+            r = mlp_ratio * h
+            layer += 2 * h + h * r + r + r * h + h
+        queries, kv_proj, ln_kv, ln_post = num_queries * h, in_features * h + h, 2 * h, 2 * h
+        return queries + kv_proj + ln_kv + depth * layer + ln_post + h * out_features + out_features
 
     def num_tokens(self, num_input_tokens: int) -> int:
         """Always `num_queries`; with sincos2d, N must also be a square grid (checked here, early)."""

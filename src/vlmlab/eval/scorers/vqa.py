@@ -1,6 +1,6 @@
-"""Benchmark scorers as pure functions: one metric definition each, as the benchmarks define them.
+"""VQAv2 soft accuracy (`type: vqa`), as the official evaluation defines it.
 
-VQAv2 follows the official evaluation script (GT-Vision-Lab/VQA `vqaEval.py`), quirks included:
+This follows the official evaluation script (GT-Vision-Lab/VQA `vqaEval.py`), quirks included:
 the period-strip regex keeps its original typo `(?!<=\\d)` and `sub` gets `re.UNICODE` (32) as
 its count. The prediction is always normalised, as LLaVA's submission converter (the EvalAI
 answer processor) does before the official script sees it; the human answers are normalised too,
@@ -11,10 +11,9 @@ annotations otherwise.
 from __future__ import annotations
 
 import re
-import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-# --------------------------------------------------------------------------- VQAv2
+from vlmlab.eval.scorers.base import SHORT_ANSWER_PROMPT, Item, Query, RowError, Scorer
 
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -101,107 +100,19 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return total / len(gts)
 
 
-# --------------------------------------------------------------------------- exact match (GQA)
+class VQAScorer(Scorer):
+    """VQAv2: the soft accuracy against 10 human answers."""
 
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+    name = "vqa"
+    prompt = SHORT_ANSWER_PROMPT
+    example = {"question": "How many dogs?", "answers": ["2"] * 8 + ["two", "3"]}
+    example_right, example_wrong = "Two.", "3"
 
+    def validate(self, item: Item) -> None:
+        if len(item.answers) < 2:
+            raise RowError(
+                "vqa needs the list of human answers (VQAv2 has 10); use type exact for one"
+            )
 
-def normalize_exact(text: str) -> str:
-    """GQA-style: lowercase, punctuation removed, whitespace collapsed."""
-    return " ".join(text.lower().translate(_PUNCT_TABLE).split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when the normalised prediction equals any normalised answer."""
-    pred = normalize_exact(prediction)
-    return float(any(pred == normalize_exact(a) for a in answers))
-
-
-# --------------------------------------------------------------------------- POPE
-
-
-def pope_parse(prediction: str) -> str:
-    """The POPE script's reading: first sentence, commas dropped, "no"/"not"/"No" word -> no."""
-    text = prediction
-    if text.find(".") != -1:
-        text = text.split(".")[0]
-    words = text.replace(",", "").split(" ")
-    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
-
-
-def pope_metrics(predictions: Iterable[str], labels: Iterable[str]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (positive = yes) and yes-ratio, as POPE reports them."""
-    preds = [pope_parse(p) == "yes" for p in predictions]
-    gold = [str(label).strip().lower() == "yes" for label in labels]
-    if len(preds) != len(gold):
-        raise ValueError("predictions and labels differ in length")
-    tp = sum(p and g for p, g in zip(preds, gold))
-    fp = sum(p and not g for p, g in zip(preds, gold))
-    tn = sum(not p and not g for p, g in zip(preds, gold))
-    fn = sum(not p and g for p, g in zip(preds, gold))
-    n = len(preds)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / n if n else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": sum(preds) / n if n else 0.0,
-    }
-
-
-# --------------------------------------------------------------------------- multiple choice
-
-LETTERS = string.ascii_uppercase
-_ONLY_LETTER = re.compile(r"^\(?([A-Z])\)?[.:]?$")
-_LEADING_LETTER = re.compile(r"^\(?([A-Z])[).:]\s")
-_ANSWER_IS = re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*\(?([A-Z])\b(?![a-z'])")
-
-
-def extract_choice(prediction: str, options: Sequence[str]) -> int | None:
-    """Index of the option a free-form answer picks (ScienceQA / MMBench style), or None.
-
-    Tried in order: a bare letter ("A", "(A)", "A."), a leading letter ("A. red", "(B) blue"),
-    "The answer is A", the option text itself, then a single option letter standing alone.
-    """
-    letters = LETTERS[: len(options)]
-    text = prediction.strip()
-    for pattern in (_ONLY_LETTER, _LEADING_LETTER, _ANSWER_IS):
-        match = pattern.search(text)
-        if match and match.group(1) in letters:
-            return letters.index(match.group(1))
-    norm = normalize_exact(text)
-    by_text = [i for i, option in enumerate(options) if normalize_exact(option) == norm]
-    if len(by_text) == 1:
-        return by_text[0]
-    contained = [
-        i
-        for i, o in enumerate(options)
-        if normalize_exact(o) and f" {normalize_exact(o)} " in f" {norm} "
-    ]
-    if len(contained) == 1:
-        return contained[0]
-    alone = {w for w in re.split(r"[\s.,:;()!?]+", text) if len(w) == 1 and w in letters}
-    if len(alone) == 1:
-        return letters.index(alone.pop())
-    return None
-
-
-def choice_correct(prediction: str, options: Sequence[str], answer_index: int) -> float:
-    return float(extract_choice(prediction, options) == answer_index)
-
-
-def rotate_options(options: Sequence[str], answer_index: int, shift: int) -> tuple[list[str], int]:
-    """MMBench circular shift: option i moves to position (i - shift) mod N."""
-    n = len(options)
-    rotated = [options[(i + shift) % n] for i in range(n)]
-    return rotated, (answer_index - shift) % n
-
-
-def circular_accuracy(correct_by_question: dict[str, list[bool]]) -> float:
-    """MMBench CircularEval: a question counts only if every rotation of its options is right."""
-    if not correct_by_question:
-        return 0.0
-    return sum(all(v) for v in correct_by_question.values()) / len(correct_by_question)
+    def score(self, query: Query, prediction: str) -> float:
+        return vqa_accuracy(prediction, query.item.answers)
