@@ -127,15 +127,8 @@ def test_train_py_rejects_unknown_choice(tmp_path: Path) -> None:
 
 
 def _demo_recipe(stage: str) -> tuple[float, int]:
-    """(lr, epochs) that conf/experiment/demo.yaml declares for `stage`.
-
-    Either a `recipe: {<stage>: {lr, epochs}}` table read through interpolations, or
-    `stage_overrides: {<stage>: {stage: {optim: {lr}, epochs}}}` merged by `compose`.
-    """
-    demo = OmegaConf.load(CONF / "experiment" / "demo.yaml")
-    if "recipe" in demo:
-        return demo.recipe[stage].lr, demo.recipe[stage].epochs
-    delta = demo.stage_overrides[stage].stage
+    """(lr, epochs) that conf/recipe/demo/<stage>.yaml (the demo's per-stage delta) declares."""
+    delta = OmegaConf.load(CONF / "recipe" / "demo" / f"{stage}.yaml").stage
     return delta.optim.lr, delta.epochs
 
 
@@ -159,3 +152,38 @@ def test_demo_stage2_values(compose_cfg) -> None:
     assert cfg.stage.optim.lr == pytest.approx(1.5e-3)
     assert cfg.stage.template == "vicuna_v1"
     assert cfg.hydra.runtime.choices["experiment"] == "demo"
+
+
+def test_command_line_wins_over_the_experiments_stage_values(compose_cfg) -> None:
+    """The recipe is composed before the command line: `stage.epochs=1` is what runs."""
+    assert compose_cfg("experiment=demo", "stage=1").stage.epochs == 3
+    cfg = compose_cfg("experiment=demo", "stage=1", "stage.epochs=1")
+    assert cfg.stage.epochs == 1
+    assert cfg.stage.optim.lr == pytest.approx(3.0e-3)  # the rest of the recipe still applies
+
+
+def test_a_sweep_over_stages_picks_each_stages_recipe(compose_cfg) -> None:
+    """`-m experiment=demo stage=1,2`: Hydra's sweeper splits the jobs, each composes its recipe."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(
+        quote_numeric_choices(["experiment=demo", "stage=1,2"])
+    )
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    got = {}
+    for job in jobs:
+        cfg = compose_cfg(*job)
+        got[cfg.stage.name] = (cfg.stage.epochs, cfg.stage.optim.lr)
+    assert got == {"1": (3, pytest.approx(3.0e-3)), "2": (4, pytest.approx(1.5e-3))}
+
+
+@pytest.mark.parametrize(("stage", "batch_size"), [("1", 32), ("2", 16)])
+def test_cfg_job_prints_the_stage_values_that_run(
+    tmp_path: Path, stage: str, batch_size: int
+) -> None:
+    proc = _train_py("experiment=llava15_7b", f"stage={stage}", "--cfg", "job", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.data.batch_size == batch_size
+    assert "stage_overrides" not in printed

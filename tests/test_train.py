@@ -69,8 +69,7 @@ def test_stage_chain_lm_then_1_then_2(compose_cfg, tmp_path: Path) -> None:
     demo = (
         "experiment=demo",
         "logger=none",
-        "stage_overrides.1.stage.epochs=1",
-        "stage_overrides.2.stage.epochs=1",
+        "stage.epochs=1",
     )
     lm = train(compose_cfg(*demo, "stage=lm"))
     align = train(compose_cfg(*demo, "stage=1"))

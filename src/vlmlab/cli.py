@@ -64,8 +64,8 @@ def demo(argv: list[str]) -> int:
 
     results = {}
     for stage in args.stages.split(","):
-        cfg = compose(["experiment=demo", f"stage={stage}", *args.overrides])
         try:
+            cfg = compose(["experiment=demo", f"stage={stage}", *args.overrides])
             results[stage] = train(cfg)
         except ConfigError as err:
             log.error("configuration error: %s", err)

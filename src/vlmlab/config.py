@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 
 def conf_dir() -> Path:
@@ -44,7 +44,11 @@ def quote_numeric_choices(overrides: list[str], root: Path | None = None) -> lis
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """Compose like `python train.py <overrides>` and register it as the current Hydra config."""
+    """Compose like `python train.py <overrides>` and register it as the current Hydra config.
+
+    Per-stage deltas are part of the composition (conf/recipe/<experiment>/<stage>.yaml, see
+    conf/train.yaml), so what this returns is what runs. Raises ConfigError on unknown keys.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -58,24 +62,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> D
             return_hydra_config=True,
         )
     HydraConfig.instance().set_config(cfg)
-    return apply_stage_overrides(cfg)
+    from vlmlab.schema import validate
 
-
-def apply_stage_overrides(cfg: DictConfig) -> DictConfig:
-    """Merge `stage_overrides[<stage name>]` (an experiment's per-stage deltas) into the config.
-
-    An experiment states its recipe per stage (`stage_overrides: {"1": {stage: {optim: {lr: 2e-3}}}}`);
-    the entry of the stage that runs is merged at the root, then the table is emptied, so the
-    call is idempotent and the logged config is the effective one.
-    """
-    table = cfg.get("stage_overrides")
-    if not table:
-        return cfg
-    delta = table.get(str(cfg.stage.name))
-    with open_dict(cfg):
-        if delta:
-            merged = OmegaConf.merge(cfg, delta)
-            for key in delta:
-                cfg[key] = merged[key]
-        cfg.stage_overrides = {}
+    validate(cfg)  # every misspelt key, at once, before anything is built
     return cfg

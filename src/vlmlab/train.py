@@ -17,8 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from vlmlab import checkpoints, launch, stages
-from vlmlab.config import apply_stage_overrides
+from vlmlab import checkpoints, launch, schema, stages
 from vlmlab.data.datamodule import StreamPosition, VLMDataModule
 from vlmlab.data.prepare import resolve_dataset
 from vlmlab.data.tokenize import TextEncoder
@@ -260,7 +259,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     started = time.time()
     setup_logging()
-    cfg = apply_stage_overrides(cfg)
+    schema.validate(cfg)  # every unknown key at once, before any model is built
     root = Path(cfg.paths.root).resolve()
     ckpt_root = root / "checkpoints"
     choices = hydra_choices(cfg)
