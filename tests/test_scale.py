@@ -147,7 +147,7 @@ def test_fsdp_blocks_are_the_shard_units(compose_cfg: Callable[..., DictConfig])
         (["trainer=ddp", "trainer.precision=bf16-true"], "trainer.precision", "bf16-mixed"),
         (["trainer=fsdp_cpu", "trainer.precision=bf16-true"], "trainer.precision", "bf16-mixed"),
         (["trainer=fsdp_cpu", "trainer.fsdp.state_dict=both"], "trainer.fsdp.state_dict", "full"),
-        (["trainer=fsdp_cpu", "+trainer.fsdp.wrapp=[llm]"], "trainer.fsdp.wrapp", "valid keys"),
+        (["trainer=fsdp_cpu", "+trainer.fsdp.wrapp=[llm]"], "trainer.fsdp.wrapp", "'wrap'"),
         (["trainer=fsdp_cpu", "trainer.fsdp.wrap=[vision]"], "trainer.fsdp.wrap", "encoder"),
         (["trainer=fsdp", "trainer.precision=16-mixed"], "trainer.precision", "bf16-mixed"),
         (["trainer=deepspeed_zero2", "trainer.accelerator=cpu"], "trainer.accelerator", "GPU"),
@@ -169,9 +169,8 @@ def test_fsdp_blocks_are_the_shard_units(compose_cfg: Callable[..., DictConfig])
 def test_bad_trainer_settings_name_the_key(
     compose_cfg: Callable[..., DictConfig], overrides: list[str], key: str, fix: str
 ) -> None:
-    cfg = compose_cfg(*overrides, tiny_data=False)
-    with pytest.raises(ConfigError) as err:
-        strategies.trainer_kwargs(cfg)
+    with pytest.raises(ConfigError) as err:  # at composition (schema) or building the trainer
+        strategies.trainer_kwargs(compose_cfg(*overrides, tiny_data=False))
     assert key in str(err.value) and fix in str(err.value)
 
 
