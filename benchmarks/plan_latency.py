@@ -5,9 +5,8 @@
 Every command runs as a fresh subprocess (what a user waits for, imports included), `--runs`
 times, interleaved so that a load spike hits all commands alike; medians are printed. Commands:
 
-- `plan` / `plan --json`: the measured command, text and JSON output (with `--no-cache`: a cold
-  answer, the meta-device model is built; without it: the plan cache answers when it holds the
-  same composition, code and library versions, see `vlmlab.plan.cached_plan`);
+- `plan` / `plan --json`: the measured command, text and JSON output (the meta-device model is
+  built every time);
 - baselines: `python -c "import torch"` (the floor of anything that touches a tensor),
   `python -c "import transformers.modeling_utils"` (the floor of building any transformers model
   class, which the meta build does: it drags in torch._dynamo, torch.distributed.tensor,
@@ -22,11 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,10 +44,8 @@ def commands(overrides: list[str]) -> dict[str, list[str]]:
         "import transformers.modeling_utils": [py, "-c", "import transformers.modeling_utils"],
         "vlmlab --help": [*_vlmlab(), "--help"],
         "train.py --cfg job": [py, str(REPO / "train.py"), *overrides, "--cfg", "job"],
-        "plan --no-cache (cold)": [*plan, "--no-cache"],
-        "plan --json --no-cache (cold)": [*plan, "--json", "--no-cache"],
-        "plan (cache)": plan,
-        "plan --json (cache)": [*plan, "--json"],
+        "plan": plan,
+        "plan --json": [*plan, "--json"],
     }
 
 
@@ -72,19 +67,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cache = Path(tempfile.mkdtemp(prefix="plan_cache_"))
-    env = {**os.environ, "VLMLAB_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmds = commands(args.overrides)
-    try:
-        # one unmeasured pass: warms the OS file cache (and fills the plan cache)
-        for cmd in cmds.values():
-            run_once(cmd, env)
-        times: dict[str, list[float]] = {name: [] for name in cmds}
-        for _ in range(args.runs):
-            for name, cmd in cmds.items():
-                times[name].append(run_once(cmd, env))
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    for cmd in cmds.values():  # one unmeasured pass: warms the OS file cache
+        run_once(cmd, env)
+    times: dict[str, list[float]] = {name: [] for name in cmds}
+    for _ in range(args.runs):
+        for name, cmd in cmds.items():
+            times[name].append(run_once(cmd, env))
     try:
         load = "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
     except OSError:
@@ -98,8 +88,7 @@ def main() -> int:
         log.info("%-36s %7.2fs %7.2fs %7.2fs %8.2fx", name, medians[name], min(values),
                  max(values), medians[name] / floor)  # fmt: skip
     ok = True
-    for name in ("plan --no-cache (cold)", "plan --json --no-cache (cold)", "plan (cache)",
-                 "plan --json (cache)"):  # fmt: skip
+    for name in ("plan", "plan --json"):
         met = medians[name] <= args.target
         ok = ok and met
         log.info("target <= %.1fs, %s: %s (%.2fs)", args.target, name, "met" if met else

@@ -26,13 +26,6 @@ from vlmlab.plan import (
 LLAVA15_7B = ["encoder=clip336", "connector=mlp", "llm=vicuna7b"]
 
 
-@pytest.fixture(autouse=True)
-def _plan_cache(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """`vlmlab plan` caches answers: keep each test's cache in its own folder, not ~/.cache."""
-    monkeypatch.setenv("VLMLAB_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def _hf_llava_meta(cfg: Any) -> Any:
     """transformers' own LlavaForConditionalGeneration from the same architecture numbers."""
     from transformers import (
@@ -357,36 +350,3 @@ def test_cli_plan_text(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["plan", *LLAVA15_EXPERIMENT, "stage=1", "trainer=fsdp"])
     assert code.value.code == 0
     assert "activation checkpointing: llm" in capsys.readouterr().out
-
-
-def test_cli_plan_cache_answers_the_same_and_misses_on_change(
-    capsys: pytest.CaptureFixture[str], _plan_cache: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A repeated plan is read back (no meta build); any change of what decides it recomputes."""
-    import vlmlab.plan as planning
-
-    def run(*extra: str) -> dict[str, Any]:
-        with pytest.raises(SystemExit) as code:
-            cli.main(["plan", *LLAVA15_7B, "stage=1", "--json", *extra])
-        assert code.value.code == 0
-        result: dict[str, Any] = json.loads(capsys.readouterr().out)
-        return result
-
-    cold = run()
-    assert cold.pop("cached") is False
-    assert len(list((_plan_cache / "plan").glob("*.json"))) == 1
-
-    def no_build(cfg: Any) -> Any:
-        raise ZeroDivisionError("built")
-
-    monkeypatch.setattr(planning, "build_meta_model", no_build)
-    warm = run()
-    assert warm.pop("cached") is True
-    assert warm == cold
-    with pytest.raises(ZeroDivisionError):  # another micro batch: a new key, a new build
-        run("--micro-batch", "3")
-    with pytest.raises(ZeroDivisionError):  # --no-cache never reads
-        run("--no-cache")
-    monkeypatch.setattr(planning, "_CACHE_LIBRARIES", ("torch", "not-installed-lib"))
-    with pytest.raises(ZeroDivisionError):  # another library version set: a new key
-        run()

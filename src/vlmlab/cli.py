@@ -123,20 +123,13 @@ def plan(argv: list[str]) -> int:
     parser.add_argument(
         "--checkpointing", action="store_true", help="activation (gradient) checkpointing"
     )
-    parser.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="rebuild on the meta device even when the plan cache ($VLMLAB_CACHE_DIR, "
-        "~/.cache/vlmlab) holds this composition for the same code and library versions",
-    )
     args = parser.parse_args(argv)
     from vlmlab import plan as planning
     from vlmlab.config import compose
 
     try:
-        result = planning.cached_plan(
+        result = planning.plan(
             compose(args.overrides),
-            use_cache=not args.no_cache,
             strategy=args.strategy,
             gpus=args.gpus,
             precision=args.precision,

@@ -48,10 +48,8 @@ total as a lower bound.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -558,108 +556,6 @@ def plan(
     }
 
 
-PLAN_CACHE_VERSION = 1
-# libraries whose code decides the numbers (model classes, LoRA, config composition)
-_CACHE_LIBRARIES = ("torch", "transformers", "peft", "timm", "hydra-core", "omegaconf")
-
-
-def cache_dir() -> Path:
-    """$VLMLAB_CACHE_DIR, else $XDG_CACHE_HOME/vlmlab, else ~/.cache/vlmlab."""
-    env = os.environ.get("VLMLAB_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmlab"
-
-
-def _targets(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        found = [str(node["_target_"])] if "_target_" in node else []
-        return found + [t for value in node.values() for t in _targets(value)]
-    if isinstance(node, list):
-        return [t for value in node for t in _targets(value)]
-    return []
-
-
-def _fingerprint_files(root: Path, digest: Any) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-
-
-def plan_cache_key(cfg: DictConfig, **arguments: Any) -> str | None:
-    """What decides a plan: the composed groups it reads, its arguments, vlmlab's code and assets,
-    the versions of the libraries that build the model, and a local tokenizer folder's files.
-
-    None (do not cache) when a `_target_` lives outside vlmlab: its code is not fingerprinted.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    groups = {k: _plain(cfg.get(k)) for k in ("encoder", "connector", "llm", "stage", "trainer")}
-    data = cfg.get("data") or {}
-    groups["data"] = {k: _plain(data.get(k)) for k in ("batch_size", "max_length")}
-    if any(not t.startswith("vlmlab.") for t in _targets(groups)):
-        return None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    except (ImportError, ValueError):
-        choices = {}
-    digest = hashlib.sha256()
-    versions: dict[str, str | None] = {}
-    for name in _CACHE_LIBRARIES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    payload = {
-        "version": PLAN_CACHE_VERSION,
-        "groups": groups,
-        "choices": {k: str(v) for k, v in choices.items()},
-        "arguments": arguments,
-        "libraries": versions,
-    }
-    digest.update(json.dumps(payload, sort_keys=True, default=str).encode())
-    package = Path(__file__).resolve().parent
-    _fingerprint_files(package, digest)
-    tokenizer = str(((groups["llm"] or {}).get("tokenizer") or {}).get("name_or_path") or "")
-    folder = Path(tokenizer).expanduser()
-    if tokenizer and not tokenizer.startswith("pkg://") and folder.is_dir():
-        _fingerprint_files(folder, digest)
-    return digest.hexdigest()
-
-
-def cached_plan(cfg: DictConfig, use_cache: bool = True, **arguments: Any) -> dict[str, Any]:
-    """`plan(cfg, **arguments)`, answered from the plan cache when nothing that decides it changed.
-
-    A cold plan spends most of its time importing transformers' model classes (which pull in
-    torch._dynamo, torch.distributed.tensor, torchvision) before building on the meta device;
-    the same question asked again (same composition, arguments, vlmlab code, library versions)
-    is read back from `cache_dir()/plan/<key>.json`. The result says `cached: true` then.
-    """
-    key = plan_cache_key(cfg, **arguments) if use_cache else None
-    path = cache_dir() / "plan" / f"{key}.json" if key else None
-    if path is not None and path.is_file():
-        try:
-            result: dict[str, Any] = json.loads(path.read_text())
-            result["cached"] = True
-            return result
-        except (OSError, ValueError) as err:
-            log.debug("plan cache entry %s unreadable (%s): recomputing", path, err)
-    result = plan(cfg, **arguments)
-    result["cached"] = False
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(result))
-            os.replace(tmp, path)
-        except OSError as err:
-            log.debug("plan cache not written to %s: %s", path, err)
-    return result
-
-
 def _checkpointing_line(mem: dict[str, Any]) -> str:
     if not mem["checkpointing"]:
         return "activation checkpointing: off (stage.gradient_checkpointing=false)"
@@ -710,8 +606,6 @@ def format_plan(result: dict[str, Any]) -> str:
         f"  total          {mem['total_gb']:9.2f} GB",
     ]
     lines += [f"note: {note}" for note in result["notes"]]
-    if result.get("cached"):
-        lines.append("(answered from the plan cache; --no-cache recomputes)")
     return "\n".join(lines)
 
 

@@ -266,7 +266,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     uri = tracking_uri(cfg.logger.get("tracking_uri"), root) if cfg.logger.kind == "mlflow" else ""
     L.seed_everything(int(cfg.seed), workers=True)
     stages.check_before_build(cfg.stage, cfg.trainer)
-    strategies.trainer_kwargs(cfg)  # every trainer problem before a model is built
+    trainer_args = strategies.trainer_kwargs(cfg)  # every trainer problem before a model is built
     resume_dir = root / "resume" / run_key(cfg)
     resume_from, resume_state = resolve_resume(cfg, resume_dir)
 
@@ -402,7 +402,6 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     callbacks.append(tracking_callbacks.RankAgreement(run_key(cfg)))
     callbacks.append(launch.SlurmRequeue(resume_dir))  # inactive outside a SLURM job
     callbacks.append(tracked.recorder)
-    trainer_args = strategies.trainer_kwargs(cfg)
     keep_previous = bool(cfg.checkpoint.get("keep_previous", True))
     trainer_args["plugins"] = [checkpoints.atomic_checkpoint_io(keep_previous)]
     callbacks.extend(_extra_callbacks(trainer_args.pop("extra_callbacks", None) or []))
