@@ -35,11 +35,11 @@ from vlmlab.data import convert
 from vlmlab.data.convert import encoder_transform
 from vlmlab.data.datamodule import VLMDataModule
 from vlmlab.data.synthetic_llava import write_llava_dataset
-from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.models.image_transform import ImageTransform, expand_to_square
-from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
-from vlmlab.models.vlm import IGNORE_INDEX
+from vlmlab.models.llm import build_tokenizer
+from vlmlab.text import IGNORE_INDEX, IMAGE_TOKEN
+from vlmlab.text.templates import get_template
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

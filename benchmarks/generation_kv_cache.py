@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from vlmlab.config import compose
-from vlmlab.data.templates import Turn, get_template
 from vlmlab.eval.generate import GenerationConfig, Generator, Request, generate_ids
 from vlmlab.models import build_vlm
+from vlmlab.text.templates import Turn, get_template
 
 
 def main() -> None:

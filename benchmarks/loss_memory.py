@@ -80,7 +80,8 @@ def baseline_loss(head: Any, hidden: Any, labels: Any) -> Any:
 def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from vlmlab.models.vlm import target_positions, target_token_loss
+    from vlmlab.models.vlm import target_token_loss
+    from vlmlab.text.labels import target_positions
 
     torch.manual_seed(0)
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False, dtype=torch.bfloat16)

@@ -19,10 +19,11 @@ from PIL import Image
 
 from vlmlab.data import convert
 from vlmlab.data.synthetic_llava import write_llava_dataset
-from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.data.validate import IMAGE_EXTENSIONS
-from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
+from vlmlab.models.llm import build_tokenizer
+from vlmlab.text import IMAGE_TOKEN
+from vlmlab.text.templates import get_template
 
 M = 16  # --image-tokens in these tests
 

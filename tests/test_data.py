@@ -29,9 +29,9 @@ from vlmlab.data.mixture import Mixture, Source
 from vlmlab.data.prepare import ensure_shapes, resolve_dataset
 from vlmlab.data.shapes import COLOURS, POSITIONS, ShapesSpec, generate
 from vlmlab.data.shards import MANIFEST, read_manifest, write_shards
-from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
-from vlmlab.models.vlm import IGNORE_INDEX
+from vlmlab.text import IGNORE_INDEX
+from vlmlab.text.templates import get_template
 
 SPEC = ShapesSpec(num_images=20, num_heldout=4, image_size=32, seed=3)
 SETS = ("align", "instruct", "text", "heldout")
@@ -59,7 +59,7 @@ def _text_encoder(model: Any, tokenizer: Any, template: str = "vicuna_v1") -> Te
     return TextEncoder(
         tokenizer,
         get_template(template, tokenizer.eos_token),
-        model.num_image_tokens,
+        model.image_token_counter(),
         model.image_token_id,
         256,
     )

@@ -32,7 +32,7 @@ from PIL import Image
 
 from vlmlab.config import compose
 from vlmlab.errors import ConfigError
-from vlmlab.models.contracts import VisionEncoder
+from vlmlab.models.contracts import Backbone, VisionEncoder
 from vlmlab.models.encoder import HFVisionEncoder, build_encoder
 from vlmlab.models.timm_encoder import (
     TimmVisionEncoder,
@@ -133,6 +133,37 @@ def test_every_preset_builds_at_tiny_size(preset: str, backend: str) -> None:
     with torch.no_grad():
         features = encoder(pixel_values[None])
     assert features.shape == (1, 16, 32) and torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_backbone_contract_in_both_backends(family: str) -> None:
+    """Blocks, the parameters that never get gradients and activation checkpointing are declared
+    by the encoder (contracts.Backbone) and agree across backends: the declared unused ones are
+    exactly those a training backward leaves without gradient, and checkpointing each block
+    changes no gradient."""
+    unused_sizes = {}
+    for backend in BACKENDS:
+        encoder = _tiny(family, backend)  # select_layer=-2 of 3 layers: the last block idles
+        assert isinstance(encoder, Backbone)
+        blocks = encoder.blocks()
+        assert len(blocks) == ARCH["num_hidden_layers"]
+        assert len({_n_params(b) for b in blocks}) == 1  # repeated blocks, not the whole tower
+        encoder.train()
+        encoder(_pixels()).square().sum().backward()
+        grads = {
+            name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None
+        }
+        idle = {id(p) for p in encoder.parameters() if p.grad is None}
+        assert {id(p) for p in encoder.unused_parameters()} == idle
+        assert {id(p) for p in blocks[-1].parameters()} <= idle
+        unused_sizes[backend] = sum(p.numel() for p in encoder.unused_parameters())
+        encoder.zero_grad(set_to_none=True)
+        encoder.enable_activation_checkpointing()
+        encoder(_pixels()).square().sum().backward()
+        for name, p in encoder.named_parameters():
+            if name in grads:
+                torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6)
+    assert unused_sizes["transformers"] == unused_sizes["timm"]
 
 
 def _activation(encoder: Any) -> str:

@@ -18,7 +18,6 @@ from tests.conftest import TINY_DATA
 from vlmlab import cli
 from vlmlab.config import compose
 from vlmlab.data.shapes import HELDOUT_QUESTION, POSITIONS
-from vlmlab.data.templates import Turn, get_template
 from vlmlab.eval import scorers
 from vlmlab.eval.benchmarks import SYNTHETIC, write_synthetic
 from vlmlab.eval.chat import Conversation
@@ -26,6 +25,7 @@ from vlmlab.eval.generate import GenerationConfig, Generator, Request
 from vlmlab.eval.loading import load_model
 from vlmlab.eval.runner import MC_PROMPT, SHORT_ANSWER_PROMPT, read_benchmark
 from vlmlab.models import build_vlm
+from vlmlab.text.templates import Turn, get_template
 
 
 def _verb(args: list[str]) -> int:
@@ -154,7 +154,7 @@ def test_synthetic_benchmarks_follow_the_heldout_split(
 def test_stage_end_eval_logs_every_benchmark_and_the_alias(trained: dict[str, Any]) -> None:
     metrics = trained["run"].data.metrics
     for name in SYNTHETIC:
-        assert 0.0 <= metrics[f"eval/{name}/accuracy"] <= 1.0
+        assert f"eval/{name}/accuracy" in metrics, sorted(metrics)  # values: the CLI test below
     for key in ("precision", "recall", "f1", "yes_ratio"):
         assert f"eval/shapes_pope/{key}" in metrics
     assert metrics["eval/accuracy"] == metrics["eval/shapes_colour/accuracy"]
@@ -479,12 +479,21 @@ def _ours(gen: Generator, request: Request) -> list[int]:
 def test_eval_config_fails_fast_on_a_missing_benchmark_file(compose_cfg, tmp_path: Path) -> None:
     from vlmlab.errors import ConfigError
     from vlmlab.eval.callback import build_eval_callback
+    from vlmlab.schema import EvalConfig, typed
 
-    dataset = {"heldout": tmp_path / "shapes" / "heldout.json"}
-    missing = compose_cfg("stage=2", f"eval.benchmarks=[shapes_colour,{tmp_path / 'nope.jsonl'}]")
+    generated = {"synthetic_root": tmp_path / "shapes"}
+
+    def build(*overrides: str, dataset: dict = generated):  # type: ignore[type-arg]
+        cfg = compose_cfg(*overrides)
+        settings = typed(cfg.eval, EvalConfig)
+        return build_eval_callback(settings, bool(cfg.stage.evaluate), dataset, None, tmp_path)  # type: ignore[arg-type]
+
     with pytest.raises(ConfigError, match=r"eval\.benchmarks.*nope\.jsonl"):
-        build_eval_callback(missing, dataset, None, tmp_path)  # type: ignore[arg-type]
-    assert build_eval_callback(compose_cfg("stage=1"), dataset, None, tmp_path) is None  # type: ignore[arg-type]
-    callback = build_eval_callback(compose_cfg("stage=2", "eval=tiny"), dataset, None, tmp_path)  # type: ignore[arg-type]
+        build("stage=2", f"eval.benchmarks=[shapes_colour,{tmp_path / 'nope.jsonl'}]")
+    assert build("stage=1") is None
+    callback = build("stage=2", "eval=tiny")
     assert callback is not None and callback.shapes_root == tmp_path / "shapes"
     assert callback.settings["max_samples"] == 12 and callback.alias == "shapes_colour"
+    # a data source that generates nothing: synthetic benchmarks are skipped, not an error
+    plain = build("stage=2", "eval=tiny", dataset={"synthetic_root": None})
+    assert plain is not None and plain.shapes_root is None and plain._files() == {}

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmlab.data.templates import Turn, get_template
 from vlmlab.errors import ConfigError
 from vlmlab.eval.generate import GenerationConfig, Generator, Request, generate_ids
 from vlmlab.models import build_vlm
+from vlmlab.text.templates import Turn, get_template
 
 CONNECTORS = {
     "linear": (),

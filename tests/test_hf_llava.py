@@ -20,7 +20,6 @@ from PIL import Image
 
 from vlmlab import checkpoints, cli
 from vlmlab.config import compose
-from vlmlab.data.templates import _TEMPLATES, Turn, get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.eval.generate import greedy_generate
@@ -32,6 +31,7 @@ from vlmlab.models.hf_llava import (
     load_hf_llava,
     load_hf_weights,
 )
+from vlmlab.text.templates import Turn, available_templates, get_template
 
 # clip: the tiny preset (CLIP-style, with CLS); siglip: its SigLIP-style sibling (no CLS)
 FAMILIES = {"clip": ["encoder=tiny"], "siglip": ["encoder=tiny_siglip"]}
@@ -318,7 +318,7 @@ def tokenizer() -> Any:
     return build_tokenizer({"name_or_path": "pkg://tiny_tokenizer"})
 
 
-@pytest.mark.parametrize("name", sorted(n for n in _TEMPLATES if n != "plain"))
+@pytest.mark.parametrize("name", [n for n in available_templates() if n != "plain"])
 def test_chat_template_matches_our_template(name: str, tokenizer: Any) -> None:
     template = get_template(name, tokenizer.eos_token)
     jinja = chat_template_for(template, tokenizer)

@@ -20,8 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmlab.data.datamodule import collate
 from vlmlab.data.tokenize import TextEncoder
-from vlmlab.models.vlm import IGNORE_INDEX, VisionLanguageModel
-from vlmlab.stages.policy import lora_config, wrap_lora
+from vlmlab.models.lora import lora_config, wrap_lora
+from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.text import IGNORE_INDEX
 
 BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels")
 COLLATE_KEYS = ("target_index", "num_target_tokens", "image_index")

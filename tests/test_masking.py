@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.helpers import label_runs, mistral_sentencepiece_tokenizer, squash
-from vlmlab.data.templates import Turn, get_template
 from vlmlab.data.tokenize import BadSample, TextEncoder
-from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
-from vlmlab.models.vlm import IGNORE_INDEX
+from vlmlab.models.llm import build_tokenizer
+from vlmlab.text import IGNORE_INDEX, IMAGE_TOKEN
+from vlmlab.text.templates import Turn, get_template
 
 QUESTION = "What colour is the shape?"
 THREE_TURNS = [
@@ -34,7 +34,7 @@ def _text_encoder(
     return TextEncoder(
         tokenizer=tokenizer,
         template=get_template(template, tokenizer.eos_token),
-        num_image_tokens=num_image_tokens,
+        image_tokens=num_image_tokens,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         max_length=max_length,
     )
@@ -52,7 +52,7 @@ def _check_vicuna(
     assert ids[0] == tokenizer.bos_token_id
     assert labels[0] == IGNORE_INDEX
     # <image>: exactly M contiguous copies, all ignored
-    image_id, m = encoder.image_token_id, encoder.num_image_tokens
+    image_id, m = encoder.image_token_id, encoder.tokens_for().count
     image_pos = [i for i, t in enumerate(ids) if t == image_id]
     if has_image:
         assert len(image_pos) == m

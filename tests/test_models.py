@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from tests.test_templates import LLM_OPTIONS
 from vlmlab.data.datamodule import collate
-from vlmlab.data.templates import get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.models import build_vlm
@@ -21,7 +21,9 @@ from vlmlab.models.connectors.linear import LinearConnector
 from vlmlab.models.connectors.mlp import MLPConnector
 from vlmlab.models.encoder import HFVisionEncoder
 from vlmlab.models.image_transform import ImageTransform
-from vlmlab.models.vlm import IGNORE_INDEX, VisionLanguageModel
+from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.text import IGNORE_INDEX
+from vlmlab.text.templates import get_template
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -270,6 +272,76 @@ def test_config_errors_of_instantiated_parts_stay_config_errors(
         build_vlm(cfg.encoder, cfg.connector, cfg.llm)
 
 
+# ----------------------------------------------------------------------------- assembly
+
+BUILDER_CALLS: list[dict[str, Any]] = []
+
+
+def recording_llm_builder(tokenizer: Any, **kwargs: Any) -> Any:
+    """An LLM family of its own (`llm._target_: tests.test_models.recording_llm_builder`)."""
+    from vlmlab.models.llm import build_llm
+
+    BUILDER_CALLS.append(kwargs)
+    return build_llm(tokenizer, **{**kwargs, "config": {**kwargs["config"], "model_type": "qwen2"}})
+
+
+def test_the_llm_builder_is_the_presets_target(compose_cfg) -> None:
+    """A new LLM family is one builder plus one YAML naming it: build_vlm calls `llm._target_`
+    with the preset's keys (not the tokenizer/template keys others read)."""
+    cfg = compose_cfg()
+    llm = OmegaConf.to_container(cfg.llm, resolve=True)
+    assert isinstance(llm, dict)
+    llm["_target_"] = "tests.test_models.recording_llm_builder"
+    BUILDER_CALLS.clear()
+    model, _ = build_vlm(cfg.encoder, cfg.connector, OmegaConf.create(llm))
+    assert len(BUILDER_CALLS) == 1 and model.llm.config.model_type == "qwen2"
+    assert {"config", "dtype", "init_seed", "quantization"} <= set(BUILDER_CALLS[0])
+    assert not {"template", "tokenizer", "warmup_stage", "_target_"} & set(BUILDER_CALLS[0])
+    llm["_target_"] = "tests.test_models.no_such_builder"
+    with pytest.raises(ConfigError, match=re.escape("llm._target_")):
+        build_vlm(cfg.encoder, cfg.connector, OmegaConf.create(llm))
+
+
+def test_one_assembly_on_meta_equals_the_real_build(compose_cfg) -> None:
+    """`weights="none", device="meta"` (plan, HF import) builds the same shapes as training."""
+    cfg = compose_cfg()
+    real, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+    meta, same = build_vlm(
+        cfg.encoder, cfg.connector, cfg.llm, weights="none", device="meta", tokenizer=tokenizer
+    )
+    assert same is tokenizer and meta.image_token_id == real.image_token_id
+    shapes = {n: p.shape for n, p in real.named_parameters()}
+    assert {n: p.shape for n, p in meta.named_parameters()} == shapes
+    assert all(p.is_meta for p in meta.parameters())
+    assert not any(p.is_meta for p in real.parameters())
+
+
+def test_llm_backbone_adapter_declares_decoder_layers(compose_cfg) -> None:
+    """The transformers LLM's blocks (FSDP units, train_last, checkpointing) are its decoder
+    layers, also through a LoRA wrapper; `stage.train_last.llm` trains exactly the last ones."""
+    from vlmlab.models.backbone import backbone_of
+    from vlmlab.models.contracts import LLMBackbone
+    from vlmlab.stages import apply
+
+    cfg = compose_cfg("stage=1", "+stage.train_last.llm=1")
+    model, _ = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+    backbone = backbone_of(model.llm, "llm")
+    assert isinstance(backbone, LLMBackbone)
+    layers = list(model.llm.model.layers)
+    assert backbone.blocks() == layers and backbone.hidden_size == model.llm.config.hidden_size
+    assert backbone.unused_parameters() == []
+    apply(cfg.stage, model)
+    trained = {id(p) for p in model.llm.parameters() if p.requires_grad}
+    assert trained == {id(p) for p in layers[-1].parameters()}
+
+    lora_cfg = compose_cfg("stage=2_lora")
+    wrapped, _ = build_vlm(lora_cfg.encoder, lora_cfg.connector, lora_cfg.llm)
+    layers = list(wrapped.llm.model.layers)
+    apply(lora_cfg.stage, wrapped)
+    assert type(wrapped.llm).__name__.startswith("Peft")
+    assert backbone_of(wrapped.llm, "llm").blocks() == layers  # adapters sit inside the layers
+
+
 # ----------------------------------------------------------------------------- connectors
 
 
@@ -467,10 +539,7 @@ def test_exact_resize_and_tall_images() -> None:
         ImageTransform(size=8, mean=(0.5,) * 3, std=(0.5,) * 3, aspect="stretch")
 
 
-@pytest.mark.parametrize(
-    "option",
-    ["vicuna7b", "vicuna13b", "llama3_8b", "mistral7b", "qwen2_0_5b", "qwen2_7b", "phi3_mini"],
-)
+@pytest.mark.parametrize("option", [o for o in LLM_OPTIONS if o != "tiny"])
 def test_llm_preset_builds_at_tiny_size_and_runs(compose_cfg, option: str) -> None:
     """Each preset's own architecture class, shrunk, inside a real VLM forward and backward."""
     tiny = [

@@ -322,7 +322,7 @@ def test_all_bad_micro_batch_on_one_fsdp_rank_finishes(tmp_path: Path, data_root
     trained = {i for rank in rows.values() for r in rank for i in r["ids"]}
     assert len(trained) == 24 and not any(i.startswith("bad") for i in trained)
     (final,) = (tmp_path / "run" / "checkpoints").glob("*/meta.json")
-    assert checkpoints.read_meta(final.parent)["global_step"] == 2
+    assert checkpoints.read_meta(final.parent).global_step == 2
     # the bad samples were all rank 1's: the logged count is global, not rank 0's share (0)
     skipped = _metric_history(tmp_path / "run", "data/skipped/missing_image")
     assert skipped and skipped[-1][1] == 8

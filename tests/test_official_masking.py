@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from tests.helpers import mistral_sentencepiece_tokenizer
-from vlmlab.data.templates import Template, get_template
 from vlmlab.data.tokenize import BadSample, TextEncoder
-from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
-from vlmlab.models.vlm import IGNORE_INDEX
+from vlmlab.models.llm import build_tokenizer
+from vlmlab.text import IGNORE_INDEX, IMAGE_TOKEN
+from vlmlab.text.templates import Template, get_template
 
 M = 5  # image tokens per image: small keeps the comparison readable, the logic is the same
 OFFICIAL_IMAGE_INDEX = -200

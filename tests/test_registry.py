@@ -1,10 +1,12 @@
-"""Acceptance 1 (connector and scorer part): extension points are registries.
+"""Acceptance 1: extension points are registries.
 
-A new connector (one .py in a temp package + one YAML in a temp config dir) and a new scorer
-(one class in one file of a temp package) are written to tmp_path; the parametrised tests of
-tests/test_connectors.py and tests/test_scorers.py enumerate them from the registries (Hydra's
-`connector` group on `hydra.searchpath`, the scorer registry via $VLMLAB_SCORERS) and pass
-on them, with no edit anywhere else. The LLM preset + chat template part is not covered here.
+Written to tmp_path: a new connector (one .py in a temp package + one YAML in a temp config
+dir), a new scorer (one class in one file of a temp package), and a new LLM preset (one YAML,
+a tiny random-init Llama) with a new chat template (one file of the temp package). The
+parametrised tests of tests/test_connectors.py, tests/test_scorers.py and tests/test_templates.py
+enumerate them from the registries (Hydra's `connector` / `llm` groups on `hydra.searchpath`,
+the scorer registry via $VLMLAB_SCORERS, the template registry via $VLMLAB_TEMPLATES) and pass
+on them, with no edit anywhere else: the preset composes, tokenises in its template and trains.
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ from pathlib import Path
 import pytest
 
 from tests import test_connectors as connectors_tests
+from tests import test_hf_llava as hf_llava_tests
 from tests import test_scorers as scorers_tests
+from tests import test_templates as templates_tests
+from vlmlab.errors import ConfigError
 from vlmlab.eval import scorers
 from vlmlab.eval.scorers import base as scorer_base
+from vlmlab.models.llm import build_tokenizer
+from vlmlab.text import templates
+from vlmlab.text.templates import base as template_base
 
 PACKAGE = "vlmlab_ext_pkg"
 
@@ -71,6 +79,56 @@ class ContainsScorer(Scorer):
 '''
 
 
+ZEPHYR = '''
+"""`zephyr`: Zephyr-style chat (HuggingFaceH4/zephyr-7b-beta): `<|user|>\\nq</s>\\n<|assistant|>\\na</s>\\n`."""
+
+from vlmlab.text.templates import Segment, Template, Turn, register
+
+
+@register
+class ZephyrTemplate(Template):
+    name = "zephyr"
+    uses_eos = True
+    eos = "</s>"
+
+    def __init__(self, eos=None):
+        super().__init__(eos)
+        self.eot = self.eos
+
+    def render(self, turns: list[Turn]) -> list[Segment]:
+        segments: list[Segment] = []
+        for turn in turns:
+            if turn.role == "human":
+                segments.append((f"<|user|>\\n{turn.text}{self.eos}\\n<|assistant|>\\n", False))
+            else:
+                segments += [(turn.text + self.eos, True), ("\\n", False)]
+        return segments
+'''
+
+TINY_ZEPHYR_YAML = """# a random-init Llama (2 layers, width 64) with the bundled tokenizer, in the zephyr template
+name_or_path: null
+pretrained: false
+dtype: float32
+init_seed: 0
+attn_implementation: null
+template: zephyr
+warmup_stage: null
+config:
+  model_type: llama
+  hidden_size: 64
+  intermediate_size: 192
+  num_hidden_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  max_position_embeddings: 512
+  rms_norm_eps: 1.0e-06
+  tie_word_embeddings: false
+  vocab_size: null
+tokenizer:
+  name_or_path: pkg://tiny_tokenizer
+"""
+
+
 @pytest.fixture
 def extension(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A temp package on sys.path and a temp config dir; the registries restored afterwards."""
@@ -78,11 +136,15 @@ def extension(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     (root / PACKAGE).mkdir(parents=True)
     (root / PACKAGE / "__init__.py").write_text("")
     (root / "conf" / "connector").mkdir(parents=True)
+    (root / "conf" / "llm").mkdir(parents=True)
     monkeypatch.syspath_prepend(str(root))
     saved = dict(scorer_base._REGISTRY)
+    saved_templates = dict(template_base._REGISTRY)
     yield root
     scorer_base._REGISTRY.clear()
     scorer_base._REGISTRY.update(saved)
+    template_base._REGISTRY.clear()
+    template_base._REGISTRY.update(saved_templates)
     for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
         del sys.modules[name]
 
@@ -143,3 +205,51 @@ def test_an_unimportable_scorer_module_is_a_config_error(monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match=r"VLMLAB_SCORERS.*no_such_scorer_module_xyz") as info:
         scorers.discover()
     assert info.value.key == scorers.ENV_MODULES
+
+
+def test_a_new_llm_preset_and_chat_template_are_picked_up_by_the_template_tests(
+    extension: Path, monkeypatch: pytest.MonkeyPatch, compose_cfg
+) -> None:
+    (extension / PACKAGE / "zephyr.py").write_text(textwrap.dedent(ZEPHYR))
+    (extension / "conf" / "llm" / "tiny_zephyr.yaml").write_text(TINY_ZEPHYR_YAML)
+    conf = extension / "conf"
+    assert "zephyr" not in templates.available_templates()
+    assert "tiny_zephyr" not in templates_tests.LLM_OPTIONS  # conf/ alone does not have it
+    monkeypatch.setenv(templates.ENV_MODULES, f"{PACKAGE}.zephyr")
+    assert "zephyr" in templates.available_templates()
+    assert "tiny_zephyr" in templates_tests.llm_options(conf)  # Hydra's group, search path on
+    # the registry-parametrised template tests, on the new template
+    templates_tests.test_only_replies_are_rendered_as_targets("zephyr")
+    for has_image in (True, False):
+        templates_tests.test_every_template_masks_all_but_the_replies("zephyr", has_image)
+    templates_tests.test_prompt_is_the_training_text_up_to_the_assistant_cue({}, "zephyr")
+    templates_tests.test_unknown_template_names_the_key_and_every_registered_name()
+    tiny_tokenizer = build_tokenizer({"name_or_path": "pkg://tiny_tokenizer"})
+    hf_llava_tests.test_chat_template_matches_our_template("zephyr", tiny_tokenizer)  # export
+    # the llm-group-parametrised preset tests, on the new preset: compose, BOS, tokenise, train
+    with_ext = connectors_tests.SearchPathCompose(compose_cfg, conf)
+    assert with_ext("llm=tiny_zephyr", "stage=2").stage.template == "zephyr"
+    templates_tests.test_preset_tokenizer_bos_agrees_with_its_template(with_ext, "tiny_zephyr")
+    templates_tests.test_random_init_preset_trains_with_its_template(with_ext, "tiny_zephyr")
+
+
+def test_a_new_template_that_masks_wrongly_fails_the_template_tests(
+    extension: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enumeration is not a formality: a template whose reply is not a target is caught."""
+    wrong = ZEPHYR.replace("(turn.text + self.eos, True)", "(turn.text + self.eos, False)")
+    (extension / PACKAGE / "zephyr.py").write_text(textwrap.dedent(wrong))
+    monkeypatch.setenv(templates.ENV_MODULES, f"{PACKAGE}.zephyr")
+    with pytest.raises(AssertionError):
+        templates_tests.test_only_replies_are_rendered_as_targets("zephyr")
+    with pytest.raises(AssertionError):
+        templates_tests.test_prompt_is_the_training_text_up_to_the_assistant_cue({}, "zephyr")
+
+
+def test_an_unimportable_template_module_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(templates.ENV_MODULES, "no_such_template_module_xyz")
+    with pytest.raises(ConfigError, match=r"VLMLAB_TEMPLATES.*no_such_template_module_xyz") as info:
+        templates.get_template("vicuna_v1")
+    assert info.value.key == templates.ENV_MODULES

@@ -92,6 +92,27 @@ def test_train_py_exits_2_on_misspelt_keys_before_building(tmp_conf: Path, tmp_p
     assert not (root / "resume").exists()
 
 
+@pytest.mark.parametrize(
+    ("stage", "override", "key"),
+    [
+        ("2", "llm.template=vicuna_v2", "llm.template"),
+        ("1", "stage.template=plane", "stage.template"),
+    ],
+)
+def test_an_unknown_template_name_fails_before_any_model_is_built(
+    stage: str, override: str, key: str, tmp_path: Path
+) -> None:
+    """A template name is a registry entry: a typo names the key and the closest template."""
+    from vlmlab.train import train
+
+    cfg = compose([*_base(tmp_path), f"stage={stage}", "logger=none", override])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert err.value.key == key
+    assert ("vicuna_v1" if key == "llm.template" else "plain") in str(err.value)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "data").exists()
+
+
 def test_stage_overrides_in_an_experiment_points_to_recipes(tmp_conf: Path, tmp_path: Path) -> None:
     (tmp_conf / "experiment" / "old.yaml").write_text(
         "# @package _global_\nstage_overrides:\n  '1': {stage: {epochs: 2}}\n"

@@ -304,14 +304,14 @@ def test_resume_after_interruption_matches_uninterrupted(
         compose_cfg(*common, "seed=5", "trainer.max_steps=3", f"paths.root={tmp_path / 'second'}")
     )
     assert not stopped["complete"]
-    assert not checkpoints.read_meta(Path(stopped["checkpoint"]))["complete"]
+    assert not checkpoints.read_meta(Path(stopped["checkpoint"])).complete
     resumed = train(
         compose_cfg(*common, "seed=5", "resume=auto", f"paths.root={tmp_path / 'second'}")
     )
     assert resumed["complete"]
     assert (
-        checkpoints.read_meta(Path(resumed["checkpoint"]))["global_step"]
-        == checkpoints.read_meta(Path(full["checkpoint"]))["global_step"]
+        checkpoints.read_meta(Path(resumed["checkpoint"])).global_step
+        == checkpoints.read_meta(Path(full["checkpoint"])).global_step
         == 6
     )
 
@@ -415,7 +415,7 @@ def test_init_from_an_mlflow_run(compose_cfg: Callable[..., DictConfig], tmp_pat
         compose_cfg("stage=2", f"stage.init_from=runs:/{run.info.run_id}", "stage.evaluate=false")
     )
     meta = checkpoints.read_meta(Path(second["checkpoint"]))
-    assert meta["parent"] == first["checkpoint"]
+    assert meta.parent == first["checkpoint"]
     runs = client.search_runs([run.info.experiment_id], filter_string="tags.stage = '2'")
     assert runs[0].data.tags["parent_stage_run"] == run.info.run_id
     with pytest.raises(ConfigError, match="not found"):
@@ -501,7 +501,7 @@ def test_continue_training_from_an_hf_llava_folder(
 
     result = train(compose_cfg("stage=1", f"stage.init_from=hf:{hf_dir}", "logger=none"))
     meta = checkpoints.read_meta(Path(result["checkpoint"]))
-    assert meta["hf_base"] == str(hf_dir) and meta["parent"] is None
+    assert meta.hf_base == str(hf_dir) and meta.parent is None
     rebuilt, _, _ = build_from_checkpoint(Path(result["checkpoint"]))
     ours = dict(rebuilt.named_parameters())
     for name, param in source.named_parameters():

@@ -104,6 +104,27 @@ def test_policy_trains_exactly_its_globs(
             assert param.grad is None, name
 
 
+@pytest.mark.parametrize("backend", ["transformers", "timm"])
+def test_train_last_uses_the_encoders_declared_blocks(
+    compose_cfg: Callable[..., DictConfig], backend: str
+) -> None:
+    """`stage.train_last.encoder` counts the blocks the encoder declares (contracts.Backbone),
+    whatever container holds them (timm keeps them in an nn.Sequential), and only the blocks
+    that feed the selected layer: the tiny tower's last block idles at select_layer=-2."""
+    cfg = compose_cfg("stage=2_encoder_last", f"encoder.backend={backend}")
+    model, tokenizer = _build(cfg)
+    blocks = model.encoder.blocks()
+    plan = stages.apply(cfg.stage, model)
+    trained = {id(p) for p in model.encoder.parameters() if p.requires_grad}
+    assert trained == {id(p) for p in blocks[-2].parameters()}  # the last block that feeds
+    assert plan.table[0]["component"] == "encoder"
+    assert plan.table[0]["trainable"] == sum(p.numel() for p in blocks[-2].parameters())
+    model.train()
+    module = VLMModule(model, _optim(cfg), total_steps=10)
+    module(_real_batch(cfg, model, tokenizer)).loss.backward()
+    assert all(p.grad is not None for p in blocks[-2].parameters())
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_parameter_table_counts(compose_cfg: Callable[..., DictConfig], stage: str) -> None:
     cfg = _stage_cfg(compose_cfg, stage)
@@ -293,8 +314,8 @@ def test_save_trainable_writes_only_trainable(
     assert set(tensors) == set(expected) and all(n.startswith("connector.") for n in tensors)
     assert all(torch.equal(tensors[n], p.detach()) for n, p in expected.items())
     meta = checkpoints.read_meta(out)
-    assert meta["stage"] == "1" and meta["num_tensors"] == len(expected)
-    assert meta["num_params"] == sum(p.numel() for p in expected.values())
+    assert meta.stage == "1" and meta.num_tensors == len(expected)
+    assert meta.num_params == sum(p.numel() for p in expected.values())
     assert not (tmp_path / "ckpt.tmp").exists()
     with pytest.raises(FileExistsError):
         checkpoints.save_trainable(model, out, {"stage": "1"})

@@ -412,9 +412,10 @@ def test_bad_samples_train_to_the_end_and_reach_mlflow(
         "wrong_role_order": 1,
         "too_long": 1,
     }
-    assert 0.0 <= run.data.metrics["data/padding_fraction"] < 1.0
+    # instruct and text-only samples share batches: some padding, never all of it
+    assert 0.0 < run.data.metrics["data/padding_fraction"] < 1.0
     # 30 samples / batch 4 = 8 planned batches; only an all-bad batch (skipped) costs a step
-    steps = checkpoints.read_meta(Path(result["checkpoint"]))["global_step"]
+    steps = checkpoints.read_meta(Path(result["checkpoint"])).global_step
     assert 7 <= steps <= 8
 
 

@@ -1,8 +1,13 @@
 """Chat templates and LLM presets.
 
-Each template renders its model's official chat format (checked against the literal string and
-the official Jinja template rendered by transformers), and masking keeps exactly the assistant
-replies plus their end-of-turn marker. Real tokenizers are built offline, each with its model's
+Every template of the registry (`available_templates()`, so also one added through
+$VLMLAB_TEMPLATES) renders replies as the only targets, prompts with exactly the training text
+and masks correctly with a real tokenizer; every LLM preset of the `llm` group (conf/ plus any
+config dir on `hydra.searchpath`) agrees with its template on BOS, and a random-init preset
+trains a stage with it (tests/test_registry.py adds a preset and a template from temp folders).
+Each shipped template renders its model's official chat format (checked against the literal
+string and the official Jinja template rendered by transformers), and masking keeps exactly the
+assistant replies plus their end-of-turn marker. Real tokenizers are built offline, each with its model's
 markers as special tokens: the Mistral/Llama-2 32K SentencePiece model shipped in
 `mistral_common` (vicuna_v1, mistral, and phi3 with Phi-3's added tokens at Phi-3's ids) and
 small byte-level BPEs with the Llama-3 / Qwen2 pre-tokenizer regexes (llama3, chatml).
@@ -11,6 +16,7 @@ Each preset's architecture numbers build the real shapes on the meta device.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,14 +26,15 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import label_runs, mistral_sentencepiece_tokenizer, squash
+from tests.test_connectors import searchpath_override
 from vlmlab.config import conf_dir
-from vlmlab.data.templates import Template, Turn, get_template
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
-from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
-from vlmlab.models.vlm import IGNORE_INDEX
+from vlmlab.models.llm import build_tokenizer
+from vlmlab.text import IGNORE_INDEX, IMAGE_TOKEN
+from vlmlab.text.templates import Template, Turn, available_templates, get_template
 
-CHAT_TEMPLATES = ["vicuna_v1", "llama3", "chatml", "mistral", "phi3"]
+TEMPLATES = available_templates()  # the registry, not a hand-kept list
 M = 7  # image tokens per image
 CONVERSATION = [
     ("<image>\nWhat colour is the shape?", "Red."),
@@ -75,6 +82,7 @@ OFFICIAL_TWO_TURNS = {
         "<|endoftext|>"
     ),
 }
+OFFICIAL = sorted(OFFICIAL_TWO_TURNS)
 # What the tokenizer contributes in front of our text: its BOS, and for SentencePiece the
 # dummy-prefix space that the Mistral Jinja writes as ' ' after '<s>'.
 TOKENIZER_PREFIX = {"llama3": "<|begin_of_text|>", "mistral": "<s> "}
@@ -304,7 +312,7 @@ def test_tokenizers_are_real_and_have_the_markers(tokenizers: dict[str, Any]) ->
 # --------------------------------------------------------------------------- rendered text
 
 
-@pytest.mark.parametrize("name", CHAT_TEMPLATES)
+@pytest.mark.parametrize("name", OFFICIAL)
 def test_two_turns_render_exactly_the_official_text(tokenizers: dict[str, Any], name: str) -> None:
     tok = tokenizers[name]
     template = get_template(name, tok.eos_token)
@@ -348,11 +356,67 @@ def test_llama3_trims_like_its_jinja(tokenizers: dict[str, Any]) -> None:
     assert "\n\nColour?<|eot_id|>" in text and "\n\nRed.<|eot_id|>" in text
 
 
-# --------------------------------------------------------------------------- masking
+# --------------------------------------------------------------------------- every template
 
 
-def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image: bool) -> None:
-    template = get_template(name, tok.eos_token)
+def marker_tokenizer(template: Template) -> Any:
+    """The bundled tiny BPE (a real byte-level tokenizer) with the template's end markers as
+    special tokens, as its model's tokenizer has them: a tokenizer for any registered template."""
+    tok = build_tokenizer({"name_or_path": "pkg://tiny_tokenizer"})
+    markers = [m for m in (template.stop, template.eos) if m.strip() and m not in tok.get_vocab()]
+    if markers:
+        tok.add_special_tokens({"additional_special_tokens": [*markers, IMAGE_TOKEN]})
+    return tok
+
+
+def tokenizer_for(name: str, tokenizers: dict[str, Any]) -> Any:
+    """The model's own tokenizer where we rebuild one offline, else `marker_tokenizer`."""
+    return tokenizers.get(name) or marker_tokenizer(get_template(name))
+
+
+def conversation_for(template: Template) -> list[tuple[str, str]]:
+    """CONVERSATION, or its first exchange for a single-exchange template (`plain`)."""
+    try:
+        template.render(_turns(CONVERSATION[:2]))
+    except ValueError:
+        template.render(_turns(CONVERSATION[:1]))  # one exchange must render
+        return CONVERSATION[:1]
+    return CONVERSATION
+
+
+def _targets(template: Template, turns: list[Turn]) -> list[tuple[int, str]]:
+    """(offset in the text, text) of each target segment."""
+    offset, found = 0, []
+    for piece, is_target in template.render(turns):
+        if is_target:
+            found.append((offset, piece))
+        offset += len(piece)
+    return found
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_only_replies_are_rendered_as_targets(name: str) -> None:
+    """Text level, no tokenizer: one target per reply (the reply and the end-of-turn text),
+    every question outside the targets, no reply outside them."""
+    template = get_template(name)
+    pairs = conversation_for(template)
+    for k in range(1, len(pairs) + 1):
+        turns = _turns(pairs[:k])
+        targets = _targets(template, turns)
+        assert [squash(t) for _, t in targets] == [squash(a + template.stop) for _, a in pairs[:k]]
+        assert all(t.rstrip().endswith(template.stop.strip()) for _, t in targets)
+        context = "".join(piece for piece, is_target in template.render(turns) if not is_target)
+        keeps_questions = "QQQ" in _text(template, _turns([("QQQ", "A")]))  # plain keeps none
+        for question, answer in pairs[:k]:
+            if keeps_questions:
+                assert squash(question) in squash(context)
+            assert squash(answer) not in squash(context)
+
+
+def _check_template_masking(
+    tok: Any, template: Template, pairs: list[tuple[str, str]], has_image: bool
+) -> tuple[list[int], list[int]]:
+    """What holds for every template with a real tokenizer; returns (ids, labels)."""
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     encoder = TextEncoder(tok, template, M, image_id, max_length=4096)
     out = encoder.encode(_conv(pairs), has_image=has_image)
@@ -365,37 +429,96 @@ def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image:
         assert ids[0] == bos and ids.count(bos) == 1 and labels[0] == IGNORE_INDEX
     elif bos is not None:
         assert bos not in ids
-    # <image>: M contiguous ignored copies, right after the first user turn's opener
+    # <image>: M contiguous ignored copies
     positions = [i for i, t in enumerate(ids) if t == image_id]
     if has_image:
         assert positions == list(range(positions[0], positions[0] + M))
         assert all(labels[i] == IGNORE_INDEX for i in positions)
+    else:
+        assert positions == []
+    # targets: one run per assistant turn = the reply and its end-of-turn text, nothing else
+    runs = label_runs([lab != IGNORE_INDEX for lab in labels])
+    assert len(runs) == len(pairs)
+    for (start, end), (_, answer) in zip(runs, pairs):
+        run_text = tok.decode(ids[start:end], skip_special_tokens=False)
+        assert squash(run_text) == squash(answer + template.stop)
+    # the context holds no answer
+    context = tok.decode(
+        [t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX and t != image_id],
+        skip_special_tokens=True,
+    )
+    for _, answer in pairs:
+        assert squash(answer) not in squash(context)
+    return ids, labels
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@pytest.mark.parametrize("has_image", [True, False], ids=["image", "text"])
+def test_every_template_masks_all_but_the_replies(name: str, has_image: bool) -> None:
+    template = get_template(name)
+    tok = marker_tokenizer(template)
+    template = get_template(name, tok.eos_token)
+    conversation = conversation_for(template)
+    for k in range(1, len(conversation) + 1):
+        pairs = conversation[:k]
+        if not has_image:
+            pairs = [(q.replace("<image>\n", ""), a) for q, a in pairs]
+        _check_template_masking(tok, template, pairs, has_image)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_prompt_is_the_training_text_up_to_the_assistant_cue(
+    tokenizers: dict[str, Any], name: str
+) -> None:
+    tok = tokenizer_for(name, tokenizers)
+    template = get_template(name, tok.eos_token)
+    pairs = conversation_for(template)
+    turns = _turns(pairs)
+    text = _text(template, turns)
+    train_ids = tok(text, add_special_tokens=template.adds_bos)["input_ids"]
+    targets = _targets(template, turns)
+    assert len(targets) == len(pairs)
+    for k, (start, reply) in enumerate(targets):
+        prompt = template.prompt(turns[: 2 * k + 1])
+        assert prompt == text[:start]  # generation sees exactly the training text
+        prompt_ids = tok(prompt, add_special_tokens=template.adds_bos)["input_ids"]
+        assert train_ids[: len(prompt_ids)] == prompt_ids  # generation sees the training tokens
+        with_reply = tok(text[: start + len(reply)], add_special_tokens=template.adds_bos)
+        assert len(with_reply["input_ids"]) > len(prompt_ids)
+    with pytest.raises(ValueError, match="human"):
+        template.prompt(turns)  # ends with a reply: nothing to generate
+
+
+# --------------------------------------------------------------------------- official masking
+
+
+def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image: bool) -> None:
+    """The generic checks, then what the model's official format fixes: marker counts inside
+    and outside the targets, where the image goes, the exact token sequence."""
+    template = get_template(name, tok.eos_token)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, labels = _check_template_masking(tok, template, pairs, has_image)
+    positions = [i for i, t in enumerate(ids) if t == image_id]
+    if has_image:  # right after the first user turn's opener
         before = tok.decode(ids[: positions[0]], skip_special_tokens=False)
         assert squash(before).endswith(squash(USER_OPENER[name]))
         assert squash(before).count(squash(USER_OPENER[name])) == 1
-    else:
-        assert positions == []
-    # targets: one run per assistant turn = the reply and its end-of-turn marker, nothing else
     runs = label_runs([lab != IGNORE_INDEX for lab in labels])
-    assert len(runs) == len(pairs)
     stop_id = tok.convert_tokens_to_ids(template.stop)
-    for (start, end), (_, answer) in zip(runs, pairs):
-        assert ids[end - 1] == stop_id
-        run_text = tok.decode(ids[start:end], skip_special_tokens=False)
-        assert squash(run_text) == squash(answer + template.stop)
+    for _, end in runs:
+        assert ids[end - 1] == stop_id  # the end-of-turn marker is one token, and a target
     # special tokens inside and outside the targets
     for marker, (outside, inside) in MARKERS[name](len(pairs)).items():
         marker_id = tok.convert_tokens_to_ids(marker)
         in_targets = sum(1 for t, lab in zip(ids, labels) if t == marker_id and lab != IGNORE_INDEX)
         assert (ids.count(marker_id) - in_targets, in_targets) == (outside, inside), marker
-    # the context holds every question and no answer
+    # the context holds every question
     context = tok.decode(
         [t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX and t != image_id],
         skip_special_tokens=True,
     )
-    for question, answer in pairs:
+    for question, _ in pairs:
         assert squash(question.replace(IMAGE_TOKEN, "")) in squash(context)
-        assert squash(answer) not in squash(context)
     # separators: the unexpanded ids decode to exactly the official text
     text = _text(template, _turns(pairs))
     raw = tok(text, add_special_tokens=template.adds_bos)["input_ids"]
@@ -405,7 +528,7 @@ def _check_masking(tok: Any, name: str, pairs: list[tuple[str, str]], has_image:
     assert tok.decode(raw) == _decoded(name, text)
 
 
-@pytest.mark.parametrize("name", CHAT_TEMPLATES)
+@pytest.mark.parametrize("name", OFFICIAL)
 @pytest.mark.parametrize("num_turns", [1, 2, 3, 4])
 @pytest.mark.parametrize("has_image", [True, False], ids=["image", "text"])
 def test_only_replies_and_their_end_marker_are_targets(
@@ -415,33 +538,6 @@ def test_only_replies_and_their_end_marker_are_targets(
     if not has_image:
         pairs = [(q.replace("<image>\n", ""), a) for q, a in pairs]
     _check_masking(tokenizers[name], name, pairs, has_image)
-
-
-@pytest.mark.parametrize("name", CHAT_TEMPLATES)
-def test_prompt_is_the_training_text_up_to_the_assistant_cue(
-    tokenizers: dict[str, Any], name: str
-) -> None:
-    tok = tokenizers[name]
-    template = get_template(name, tok.eos_token)
-    turns = _turns(CONVERSATION)
-    segments = template.render(turns)
-    text = _text(template, turns)
-    train_ids = tok(text, add_special_tokens=template.adds_bos)["input_ids"]
-    offset, starts = 0, []
-    for piece, is_target in segments:
-        if is_target:
-            starts.append(offset)
-        offset += len(piece)
-    assert len(starts) == len(CONVERSATION)
-    for k, start in enumerate(starts):
-        prompt = template.prompt(turns[: 2 * k + 1])
-        assert prompt == text[:start]
-        prompt_ids = tok(prompt, add_special_tokens=template.adds_bos)["input_ids"]
-        assert train_ids[: len(prompt_ids)] == prompt_ids  # generation sees the training tokens
-        reply = tok(text[: start + len(segments[2 * k + 1][0])], add_special_tokens=False)
-        assert len(reply["input_ids"]) > len(prompt_ids) - int(template.adds_bos)
-    with pytest.raises(ValueError, match="human"):
-        template.prompt(turns)  # ends with a reply: nothing to generate
 
 
 def test_mistral_tokens_equal_mistral_commons_reference(tokenizers: dict[str, Any]) -> None:
@@ -499,16 +595,49 @@ def test_stop_and_eos_come_from_the_tokenizer() -> None:
     assert get_template("phi3").render(_turns(CONVERSATION[:1]))[-1] == ("<|endoftext|>", False)
 
 
-def test_unknown_template_names_the_key() -> None:
+def test_unknown_template_names_the_key_and_every_registered_name() -> None:
     with pytest.raises(ConfigError, match=r"stage\.template.*'llama2'") as info:
         get_template("llama2")
     assert info.value.key == "stage.template"
-    for name in [*CHAT_TEMPLATES, "plain"]:
+    registered = available_templates()  # now: also templates added since this module's import
+    for name in registered:
         assert name in str(info.value)
         assert get_template(name).name == name
+    for name in registered:  # a typo gets the closest name
+        with pytest.raises(ConfigError, match=f"did you mean '{name}'") as info:
+            get_template(name[:-1] + "X", key="llm.template")
+        assert info.value.key == "llm.template"
 
 
 # --------------------------------------------------------------------------- LLM presets
+
+
+def llm_options(*config_dirs: Path) -> list[str]:
+    """The `llm` group's options as Hydra lists them (conf/ plus the extra config dirs)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    overrides = [searchpath_override(*config_dirs)] if config_dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            return sorted(
+                loader.get_group_options(
+                    "llm", ObjectType.CONFIG, config_name="train", overrides=overrides
+                )
+            )
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _is_random_init(option: str) -> bool:
+    return not OmegaConf.load(conf_dir() / "llm" / f"{option}.yaml").get("pretrained", False)
+
+
+LLM_OPTIONS = llm_options()
+RANDOM_INIT = [o for o in LLM_OPTIONS if _is_random_init(o)]  # trainable on CPU, offline
 
 # option: (name_or_path, template, parameters, architecture class, hidden, layers, heads,
 #          kv heads, embedding rows, rope theta, tied embeddings)
@@ -562,9 +691,12 @@ ROPE_THETA = {
 }
 
 
-def test_every_llm_option_is_covered() -> None:
-    options = {p.stem for p in (conf_dir() / "llm").glob("*.yaml")}
-    assert options == {*PRESETS, "tiny"}
+def test_every_pretrained_preset_has_its_published_numbers() -> None:
+    """A preset of a real model is checked against its published shapes (PRESETS); a
+    random-init one trains a stage instead (test_random_init_preset_trains_with_its_template)."""
+    pretrained = {o for o in LLM_OPTIONS if not _is_random_init(o)}
+    assert pretrained == set(PRESETS)
+    assert RANDOM_INIT, "no random-init llm option: nothing trains offline"
 
 
 @pytest.mark.parametrize("option", sorted(PRESETS))
@@ -594,16 +726,40 @@ def test_llm_preset_builds_the_real_shapes_on_meta(compose_cfg, option: str) -> 
     assert (llm.lm_head.weight is llm.get_input_embeddings().weight) is tied
 
 
-@pytest.mark.parametrize("option", [*sorted(PRESETS), "tiny"])
+@pytest.mark.parametrize("option", LLM_OPTIONS)
 def test_preset_tokenizer_bos_agrees_with_its_template(compose_cfg, option: str) -> None:
     """A template that expects the tokenizer's BOS gets `add_bos_token: true` and vice versa:
     the silent all--100 bug comes from exactly this mismatch."""
     cfg = compose_cfg(f"llm={option}", "stage=2")
     assert cfg.stage.template == cfg.llm.template
-    template = get_template(cfg.llm.template)
+    template = get_template(cfg.llm.template, key="llm.template")
     tokenizer_cfg = OmegaConf.to_container(cfg.llm.tokenizer)
     assert isinstance(tokenizer_cfg, dict)
-    if option == "tiny":  # the bundled tokenizer adds <s> by itself
-        assert template.adds_bos
+    if str(tokenizer_cfg["name_or_path"]).startswith("pkg://"):  # bundled: load it and look
+        tok = build_tokenizer(tokenizer_cfg)
+        assert (tok("x")["input_ids"][0] == tok.bos_token_id) is template.adds_bos
     else:
         assert tokenizer_cfg.get("add_bos_token", False) is template.adds_bos
+
+
+@pytest.mark.parametrize("option", RANDOM_INIT)
+def test_random_init_preset_trains_with_its_template(compose_cfg, option: str) -> None:
+    """The preset composes, its tokenizer masks a conversation in its template correctly, and a
+    stage-2 fit (the stage that uses `llm.template`) runs on it with a finite loss."""
+    from vlmlab.train import train
+
+    cfg = compose_cfg(
+        f"llm={option}",
+        "stage=2",
+        "stage.init_from=null",
+        "stage.evaluate=false",
+        "logger=none",
+        "trainer.max_steps=2",
+    )
+    assert cfg.stage.template == cfg.llm.template
+    tok = build_tokenizer(OmegaConf.to_container(cfg.llm.tokenizer))  # type: ignore[arg-type]
+    template = get_template(cfg.llm.template, tok.eos_token, key="llm.template")
+    conversation = conversation_for(template)
+    _check_template_masking(tok, template, conversation[:2], has_image=True)
+    result = train(cfg)
+    assert math.isfinite(result["metrics"]["train/loss"])

@@ -14,10 +14,10 @@ import lightning as L
 import pytest
 from mlflow import MlflowClient
 
+from vlmlab.distributed import JOB_ENV, argv_for_rank
 from vlmlab.errors import ConfigError
 from vlmlab.tracking.mlflow import git_commit, run_name
 from vlmlab.tracking.report import report
-from vlmlab.tracking.sweep import JOB_ENV, argv_for_rank
 from vlmlab.train import train
 
 

@@ -27,9 +27,9 @@ def test_stage1_fit_logs_to_mlflow(compose_cfg, tmp_path: Path) -> None:
     assert math.isfinite(result["metrics"]["train/loss"])
     ckpt = Path(result["checkpoint"])
     meta = checkpoints.read_meta(ckpt)
-    assert meta["stage"] == "1" and meta["parent"] is None
+    assert meta.stage == "1" and meta.parent is None
     # stage 1 trains only the connector: the checkpoint holds exactly its tensors
-    assert meta["num_params"] == sum(p.numel() for p in _connector_params(cfg))
+    assert meta.num_params == sum(p.numel() for p in _connector_params(cfg))
 
     (run,) = _runs(tmp_path)
     assert run.info.status == "FINISHED"
@@ -41,7 +41,7 @@ def test_stage1_fit_logs_to_mlflow(compose_cfg, tmp_path: Path) -> None:
         "1",
     )
     assert run.data.params["stage.optim.lr"] == str(cfg.stage.optim.lr)
-    assert run.data.params["params.connector.trainable"] == str(meta["num_params"])
+    assert run.data.params["params.connector.trainable"] == str(meta.num_params)
     assert "train/loss" in run.data.metrics
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -75,10 +75,9 @@ def test_stage_chain_lm_then_1_then_2(compose_cfg, tmp_path: Path) -> None:
     align = train(compose_cfg(*demo, "stage=1"))
     instruct = train(compose_cfg(*demo, "stage=2"))
 
-    assert checkpoints.read_meta(Path(align["checkpoint"]))["parent"] == lm["checkpoint"]
-    assert checkpoints.read_meta(Path(instruct["checkpoint"]))["parent"] == align["checkpoint"]
-    accuracy = instruct["metrics"]["eval/accuracy"]
-    assert 0.0 <= accuracy <= 1.0
+    assert checkpoints.read_meta(Path(align["checkpoint"])).parent == lm["checkpoint"]
+    assert checkpoints.read_meta(Path(instruct["checkpoint"])).parent == align["checkpoint"]
+    assert "eval/accuracy" in instruct["metrics"]  # its level: the slow demo test (>= 0.8)
 
     # stage 1 of another connector must not pick up this connector's checkpoint
     with pytest.raises(ConfigError, match="no finished stage-1 run"):

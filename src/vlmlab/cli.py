@@ -1,31 +1,75 @@
-"""`vlmlab <verb>`: train (Hydra), demo. Heavy libraries are imported only by the verb that runs."""
+"""`vlmlab <verb>`: one registry, `VERBS`; a verb's module is imported only when the verb runs."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from vlmlab.errors import ConfigError
 
 log = logging.getLogger("vlmlab")
 
-VERBS = {
-    "train": "train one stage: vlmlab train [hydra overrides], same as `python train.py ...`",
-    "eval": "score benchmarks: vlmlab eval CKPT --bench FILE.jsonl --out DIR [--device D --dtype T] (--make-synthetic DIR)",
-    "chat": "talk about an image: vlmlab chat CKPT IMAGE [--prompt TEXT] [--device D --dtype T]",
-    "demo": "run the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy",
-    "merge": "fold a checkpoint chain (LoRA adapters included) into one model: vlmlab merge CKPT --out DIR",
-    "plan": "parameters, trainable parameters and memory per GPU of a composition, no download",
-    "export": "write a transformers LlavaForConditionalGeneration folder: vlmlab export --out DIR ...",
-    "report": "table (mean ± std over seeds) and plot of an MLflow experiment: vlmlab report --experiment NAME",
-    "shards": "LLaVA JSON + images -> validated WebDataset shards + manifest: vlmlab shards JSON --image-root DIR --out DIR",
+
+@dataclass(frozen=True)
+class Verb:
+    """One `vlmlab` verb: its help line and `module:function` (argv in, exit code out)."""
+
+    help: str
+    target: str
+
+    def handler(self) -> Callable[[list[str]], int]:
+        module_name, func = self.target.split(":")
+        handler: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), func)
+        return handler
+
+
+# Adding a verb = one entry here; heavy libraries load only when that verb runs.
+VERBS: dict[str, Verb] = {
+    "train": Verb(
+        "train one stage: vlmlab train [hydra overrides], same as `python train.py ...`",
+        "vlmlab.cli:train_verb",
+    ),
+    "eval": Verb(
+        "score benchmarks: vlmlab eval CKPT --bench FILE.jsonl --out DIR [--device D --dtype T] (--make-synthetic DIR)",
+        "vlmlab.eval.runner:main",
+    ),
+    "chat": Verb(
+        "talk about an image: vlmlab chat CKPT IMAGE [--prompt TEXT] [--device D --dtype T]",
+        "vlmlab.eval.chat:main",
+    ),
+    "demo": Verb(
+        "run the CPU demo: text warm-up, stage 1, stage 2, held-out accuracy", "vlmlab.cli:demo"
+    ),
+    "merge": Verb(
+        "fold a checkpoint chain (LoRA adapters included) into one model: vlmlab merge CKPT --out DIR",
+        "vlmlab.cli:merge",
+    ),
+    "plan": Verb(
+        "parameters, trainable parameters and memory per GPU of a composition, no download",
+        "vlmlab.cli:plan",
+    ),
+    "export": Verb(
+        "write a transformers LlavaForConditionalGeneration folder: vlmlab export --out DIR ...",
+        "vlmlab.cli:export",
+    ),
+    "report": Verb(
+        "table (mean ± std over seeds) and plot of an MLflow experiment: vlmlab report --experiment NAME",
+        "vlmlab.tracking.report:main",
+    ),
+    "shards": Verb(
+        "LLaVA JSON + images -> validated WebDataset shards + manifest: vlmlab shards JSON --image-root DIR --out DIR",
+        "vlmlab.data.convert:main",
+    ),
 }
 
 
 def _hydra_task(cfg: Any) -> float | None:
-    from vlmlab.tracking.sweep import export_job_for_ranks, isolated_job
+    from vlmlab.distributed import export_job_for_ranks, isolated_job
     from vlmlab.train import train
 
     export_job_for_ranks()  # DDP ranks > 0 of a sweep job re-run this job only, not the sweep
@@ -43,14 +87,21 @@ def train_main() -> None:
     import hydra
 
     from vlmlab.config import conf_dir, quote_numeric_choices
-    from vlmlab.tracking.sweep import argv_for_rank
+    from vlmlab.distributed import argv_for_rank
 
     sys.argv = [sys.argv[0], *argv_for_rank(quote_numeric_choices(sys.argv[1:]))]
     hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_hydra_task)()
 
 
+def train_verb(argv: list[str]) -> int:
+    """`vlmlab train ...`: the Hydra entry point under the verb's name."""
+    sys.argv = [f"{sys.argv[0]} train", *argv]
+    train_main()
+    return 0
+
+
 def demo(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vlmlab demo", description=VERBS["demo"])
+    parser = argparse.ArgumentParser(prog="vlmlab demo", description=VERBS["demo"].help)
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides for every stage, e.g. paths.root=/tmp/x"
     )
@@ -83,7 +134,7 @@ def demo(argv: list[str]) -> int:
 
 
 def merge(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vlmlab merge", description=VERBS["merge"])
+    parser = argparse.ArgumentParser(prog="vlmlab merge", description=VERBS["merge"].help)
     parser.add_argument("checkpoint", help="a vlmlab checkpoint folder (runs/checkpoints/<run>)")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
@@ -105,7 +156,7 @@ def merge(argv: list[str]) -> int:
 def plan(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vlmlab plan",
-        description=VERBS["plan"] + ". Builds the model on the meta device from the presets' "
+        description=VERBS["plan"].help + ". Builds the model on the meta device from the presets' "
         "architecture numbers; the memory formula is in `vlmlab.plan`'s docstring.",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. llm=vicuna7b stage=2")
@@ -147,7 +198,7 @@ def plan(argv: list[str]) -> int:
 def export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vlmlab export",
-        description=VERBS["export"] + ". With --checkpoint, the model is rebuilt from the "
+        description=VERBS["export"].help + ". With --checkpoint, the model is rebuilt from the "
         "configs its meta.json records and its whole chain is loaded (LoRA folded in); "
         "without, the composition given by the Hydra overrides is exported as built.",
     )
@@ -160,9 +211,9 @@ def export(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from vlmlab.data.templates import get_template
     from vlmlab.logs import setup_logging
     from vlmlab.models.hf_llava import export_hf_llava
+    from vlmlab.text.templates import get_template
 
     setup_logging()
     try:
@@ -176,7 +227,7 @@ def export(argv: list[str]) -> int:
             from vlmlab.merge import build_from_checkpoint
 
             model, tokenizer, meta = build_from_checkpoint(Path(args.checkpoint))
-            template_name = args.template or meta["config"]["llm"].get("template")
+            template_name = args.template or meta.config.get("llm", {}).get("template")
         else:
             from vlmlab.config import compose
             from vlmlab.models import build_vlm
@@ -185,7 +236,8 @@ def export(argv: list[str]) -> int:
             model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
             model.eval()
             template_name = args.template or cfg.llm.get("template")
-        template = get_template(template_name, tokenizer.eos_token) if template_name else None
+        key = "--template" if args.template else "llm.template"
+        template = get_template(template_name, tokenizer.eos_token, key) if template_name else None
         out = export_hf_llava(model, tokenizer, Path(args.out), template)
     except ConfigError as err:
         log.error("configuration error: %s", err)
@@ -198,38 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: vlmlab <verb> [args]\n\nverbs:")
-        for verb, text in VERBS.items():
-            print(f"  {verb:<8}{text}")
+        for name, verb in VERBS.items():
+            print(f"  {name:<8}{verb.help}")
         raise SystemExit(0 if argv else 2)
-    verb, rest = argv[0], argv[1:]
-    if verb == "train":
-        sys.argv = [f"{sys.argv[0]} train", *rest]
-        train_main()
-        return
-    handler = _handler(verb)
-    if handler is None:
-        print(f"vlmlab: unknown verb {verb!r}; choose from {', '.join(VERBS)}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    if name not in VERBS:
+        print(f"vlmlab: unknown verb {name!r}; choose from {', '.join(VERBS)}", file=sys.stderr)
         raise SystemExit(2)
-    raise SystemExit(handler(rest))
-
-
-# Verbs that live in their own module: "verb": "module:function" taking argv, returning an exit code.
-# Adding a verb = one entry here + one line in VERBS; the module is imported only when the verb runs.
-EXTERNAL_VERBS: dict[str, str] = {
-    "report": "vlmlab.tracking.report:main",
-    "eval": "vlmlab.eval.runner:main",
-    "chat": "vlmlab.eval.chat:main",
-    "shards": "vlmlab.data.convert:main",
-}
-
-
-def _handler(verb: str) -> Any:
-    local = {"demo": demo, "merge": merge, "plan": plan, "export": export}
-    if verb in local:
-        return local[verb]
-    if verb in EXTERNAL_VERBS:
-        import importlib
-
-        module_name, func = EXTERNAL_VERBS[verb].split(":")
-        return getattr(importlib.import_module(module_name), func)
-    return None
+    raise SystemExit(VERBS[name].handler()(rest))

@@ -6,7 +6,7 @@ are needed: `vlmlab merge runs/checkpoints/<run> --out merged/`.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from vlmlab import checkpoints
+from vlmlab.checkpoints import CheckpointMeta
 from vlmlab.errors import ConfigError
 from vlmlab.models import VisionLanguageModel, build_vlm
 
@@ -23,10 +24,10 @@ log = logging.getLogger(__name__)
 
 def build_from_checkpoint(
     ckpt_dir: Path, merge_last: bool = True
-) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+) -> tuple[VisionLanguageModel, Any, CheckpointMeta]:
     """Model + tokenizer with the whole chain of `ckpt_dir` loaded; returns its meta too."""
     meta = checkpoints.read_meta(ckpt_dir)
-    config = meta.get("config")
+    config = meta.config
     if not config:
         raise ConfigError(
             "checkpoint",
@@ -47,26 +48,26 @@ def merge_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(out_dir / "model.safetensors"))
     tokenizer.save_pretrained(out_dir / "tokenizer")
-    merged_meta = {**meta, "merged_from": str(ckpt_dir), "lora": None, "parent": None}
-    (out_dir / "meta.json").write_text(json.dumps(merged_meta, indent=1))
+    merged = dataclasses.replace(meta, merged_from=str(ckpt_dir), lora=None, parent=None)
+    merged.write(out_dir)
     log.info("merged %s (%d tensors) into %s", ckpt_dir, len(tensors), out_dir)
     _export_if_possible(model, tokenizer, meta, out_dir / "hf")
     return out_dir
 
 
 def _export_if_possible(
-    model: VisionLanguageModel, tokenizer: Any, meta: dict[str, Any], out: Path
+    model: VisionLanguageModel, tokenizer: Any, meta: CheckpointMeta, out: Path
 ) -> None:
     """Also write a transformers Llava folder when the composition has an HF equivalent."""
-    from vlmlab.data.templates import get_template
     from vlmlab.models.hf_llava import check_exportable, export_hf_llava
+    from vlmlab.text.templates import get_template
 
     try:
         check_exportable(model)
     except ConfigError as err:
         log.info("no HF Llava export (%s); the merged model above is complete", err)
         return
-    name = meta.get("template") or meta.get("config", {}).get("llm", {}).get("template")
+    name = meta.template_name()
     template = get_template(name, tokenizer.eos_token) if name and name != "plain" else None
     export_hf_llava(model, tokenizer, out, template=template)
     log.info("HF Llava export written to %s", out)

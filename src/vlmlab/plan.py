@@ -176,26 +176,15 @@ def _local_tokenizer(llm_cfg: DictConfig) -> Any | None:
     return build_tokenizer(tok_cfg)
 
 
-def _unwrap(err: Exception) -> Exception:
-    """hydra.instantiate wraps a part's ConfigError; give the ConfigError back."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, ConfigError):
-            return cause
-        cause = cause.__cause__
-    return err
-
-
 def build_meta_model(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     """The composed VisionLanguageModel on the meta device, from architecture numbers only.
 
-    Returns the model and notes on the vocabulary (what we build vs what training would build).
+    Built by `build_vlm` (the assembly training uses) with `weights="none"` on the meta
+    device. Returns the model and notes on the vocabulary (what we build vs what training
+    would build).
     """
-    from hydra.utils import instantiate
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from vlmlab.models import IMAGE_TOKEN, VisionLanguageModel
-    from vlmlab.models.llm import _DTYPES
+    from vlmlab.models import build_vlm
+    from vlmlab.text import IMAGE_TOKEN
 
     info: dict[str, Any] = {"notes": []}
     if cfg.encoder.get("pretrained") and not cfg.encoder.get("config"):
@@ -211,7 +200,6 @@ def build_meta_model(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
             "plan builds the LLM from architecture numbers (with model_type) and there are none.",
             "add a `config:` block to the llm preset.",
         )
-    arch = dict(arch)
     tokenizer = _local_tokenizer(cfg.llm)
     if arch.get("vocab_size") is None:
         if tokenizer is None:
@@ -220,13 +208,14 @@ def build_meta_model(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
                 "is null (= len(tokenizer)) and the tokenizer is not a local folder.",
                 "set llm.config.vocab_size=N.",
             )
-        arch["vocab_size"] = len(tokenizer)
         info["vocab_source"] = "len(tokenizer)"
     else:
         info["vocab_source"] = "llm.config.vocab_size"
-    rows = int(arch["vocab_size"])
-    if tokenizer is not None and len(tokenizer) > rows:  # build_llm grows the embedding
-        rows = -(-len(tokenizer) // 64) * 64
+    model, _ = build_vlm(
+        cfg.encoder, cfg.connector, cfg.llm, weights="none", device="meta", tokenizer=tokenizer
+    )
+    rows = int(model.llm.get_input_embeddings().num_embeddings)
+    if tokenizer is not None and len(tokenizer) > int(arch.get("vocab_size") or len(tokenizer)):
         info["vocab_source"] += f", padded to a multiple of 64 for {len(tokenizer)} tokens"
     elif tokenizer is None:
         info["notes"].append(
@@ -234,35 +223,14 @@ def build_meta_model(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
             f"folder); if the tokenizer lacks {IMAGE_TOKEN}, training adds it and pads the "
             "embeddings to a multiple of 64 (LLaVA-1.5: 32064)."
         )
-    arch["vocab_size"] = rows
     info["vocab_size"] = rows
-    dtype = _DTYPES.get(str(cfg.llm.get("dtype", "float32")), torch.float32)
-
-    encoder_kwargs: dict[str, Any] = {"_convert_": "all"}
-    if "pretrained" in cfg.encoder:
-        encoder_kwargs["pretrained"] = False
-    try:
-        with torch.device("meta"):
-            encoder = instantiate(cfg.encoder, **encoder_kwargs)
-            llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch), dtype=dtype)
-            connector_args = _plain(cfg.connector)
-            connector_args.pop("init_seed", None)
-            connector = instantiate(
-                connector_args,
-                in_features=encoder.hidden_size,
-                out_features=llm.get_input_embeddings().embedding_dim,
-            )
-    except Exception as err:
-        raise _unwrap(err) from err
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else -1
-    return VisionLanguageModel(encoder, connector, llm, image_token_id), info
+    return model, info
 
 
-def _blocks(module: Any) -> list[Any]:
-    from vlmlab.stages.policy import blocks_of
+def _blocks(module: Any, key: str) -> list[Any]:
+    from vlmlab.models.backbone import backbone_of
 
-    found = blocks_of(module)
-    return list(found[1]) if found else []
+    return backbone_of(module, key).blocks()
 
 
 def _quantized_weights(model: Any) -> set[int]:
@@ -318,7 +286,7 @@ def _activation_bytes(
     total += 14 * min(chunk, tokens) * vocab  # one chunk: logits, fp32 copy, softmax, grads
     if any(p.requires_grad for p in model.encoder.parameters()):
         vision = next(model.encoder.parameters())
-        layers = len(_blocks(model.encoder))
+        layers = len(_blocks(model.encoder, "encoder"))
         total += stack(
             micro_batch * model.encoder.num_tokens,
             model.encoder.hidden_size,
@@ -411,7 +379,7 @@ def estimate_memory(
         grads, optim = grads / n, optim / n
     elif strategy == "deepspeed_zero1":
         optim = optim / n
-    units = [*_blocks(model.llm), *_blocks(model.encoder)]
+    units = [*_blocks(model.llm, "llm"), *_blocks(model.encoder, "encoder")]
     largest = max((sum(p.numel() for p in u.parameters()) for u in units), default=0)
     notes = []
     copies = 0.0
@@ -512,7 +480,7 @@ def plan(
     quantize = _plain(cfg.stage.get("quantize")) or None
     bits = int(quantize.get("bits", 4)) if quantize else None
     wrap = list((cfg.trainer.get("fsdp") or {}).get("wrap") or ["llm", "encoder"])
-    units = [u for c in ("encoder", "llm") if c in wrap for u in _blocks(getattr(model, c))]
+    units = [u for c in ("encoder", "llm") if c in wrap for u in _blocks(getattr(model, c), c)]
     apply_master_weights(model, precision, _precision_strategy(chosen), shard_units=units)
     components = {}
     for name in COMPONENTS:
@@ -546,7 +514,7 @@ def plan(
         "params_total": sum(c["total"] for c in components.values()),
         "params_trainable": sum(c["trainable"] for c in components.values()),
         "components": components,
-        "image_tokens": int(model.num_image_tokens),
+        "image_tokens": int(model.image_token_counter().max_count),  # the largest image
         "vocab_size": info["vocab_size"],
         "vocab_source": info["vocab_source"],
         "memory": asdict(memory),

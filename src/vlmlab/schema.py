@@ -22,7 +22,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 
@@ -31,6 +31,7 @@ from vlmlab.errors import ConfigError
 # Keys Hydra's `instantiate` reads next to `_target_`.
 INSTANTIATE_KEYS = frozenset({"_target_", "_recursive_", "_convert_", "_partial_", "_args_"})
 RECIPE_HOME = "conf/recipe/<experiment>/<stage>.yaml"
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------------- groups
@@ -74,6 +75,7 @@ class EncoderConfig:
 
 @dataclass
 class LLMConfig:
+    _target_: str = "vlmlab.models.llm.build_llm"  # the LLM builder (vlmlab.models.build_vlm)
     name_or_path: str | None = None
     pretrained: bool = False
     dtype: str = "float32"
@@ -172,6 +174,7 @@ class MixtureSourceConfig:
 @dataclass
 class DataConfig:
     name: str = "shapes"
+    _target_: str = "vlmlab.data.prepare.ShapesSource"  # the data-source kind (data/prepare.py)
     root: str = ""
     generator: GeneratorConfig | None = None
     sets: dict[str, str] = field(default_factory=dict)  # {dataset: set name or path}
@@ -493,3 +496,36 @@ def _where(cfg: DictConfig) -> str:
             "or the command line"
         )
     return "in the group presets under conf/ or the command line"
+
+
+# --------------------------------------------------------------------------- typed objects
+def typed(node: Any, schema: type[_T]) -> _T:
+    """A validated config group (DictConfig or dict) as its schema dataclass, nested groups too.
+
+    Why: builders below the entry point take these objects, not the raw DictConfig, so what
+    they read is declared by a type. Free-form mappings stay plain dicts; keys that are not
+    fields (trainer PASSTHROUGH arguments) are left out.
+    """
+    data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return _typed(data, schema)
+
+
+def _typed(data: Any, schema: type[_T]) -> _T:
+    hints = _hints(schema)
+    values = {str(k): _typed_value(v, hints[str(k)]) for k, v in data.items() if str(k) in hints}
+    return schema(**values)
+
+
+def _typed_value(value: Any, tp: Any) -> Any:
+    sub, item = _dataclasses_in(tp)
+    if isinstance(value, dict) and sub is not None:
+        return _typed(value, sub)
+    if isinstance(value, list) and item is not None:
+        return [_typed(v, item) if isinstance(v, dict) else v for v in value]
+    lists = _mapping_of_lists(tp)
+    if isinstance(value, dict) and lists is not None:
+        return {
+            k: [_typed(v, lists) if isinstance(v, dict) else v for v in vs]
+            for k, vs in value.items()
+        }
+    return value

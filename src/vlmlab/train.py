@@ -1,6 +1,7 @@
 """`train(cfg)`: one stage, read top to bottom.
 
-compose -> build_vlm -> init_from -> stages.apply -> data -> Lightning fit -> checkpoint.
+context -> build model -> init/resume -> stage policy -> data -> callbacks -> fit -> save.
+Each step is one builder with typed inputs; this module only wires them.
 """
 
 from __future__ import annotations
@@ -14,37 +15,37 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from vlmlab import checkpoints, launch, schema, stages
-from vlmlab.data.datamodule import StreamPosition, VLMDataModule
-from vlmlab.data.prepare import resolve_dataset
+from vlmlab.checkpoints import CheckpointMeta
+from vlmlab.data.build import build_datamodule, data_checksum
+from vlmlab.data.prepare import ResolvedDataset, resolve_dataset
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
-from vlmlab.eval.callback import build_eval_callback
+from vlmlab.eval.callback import BenchmarkEval, SampleAnswers, build_eval_callback
 from vlmlab.logs import setup_logging
 from vlmlab.models import as_dict, build_vlm
 from vlmlab.stages.policy import format_table
-from vlmlab.tracking import callbacks as tracking_callbacks
-from vlmlab.tracking.mlflow import (
-    flatten,
-    git_commit,
-    manifest_checksum,
-    run_link,
-    run_name,
-    tracking_uri,
+from vlmlab.text.templates import get_template
+from vlmlab.tracking import callbacks as tracking
+from vlmlab.tracking.logger import (
+    RunIdentity,
+    RunStart,
+    build_logger,
+    log_checkpoint,
+    log_run_start,
+    logger_settings,
+    store_uri,
 )
 from vlmlab.tracking.outcome import ExceptionRecorder, track_outcome
-from vlmlab.tracking.sweep import parent_run_id, swept_keys
+from vlmlab.tracking.runs import RunState, checkpoint_of_run
 from vlmlab.training import strategy as strategies
-from vlmlab.training.audit import SampleRecorder
+from vlmlab.training.callbacks import extra_callbacks, training_callbacks
 from vlmlab.training.deepspeed import optimizer_class
-from vlmlab.training.emulate import EmulatedRanks
+from vlmlab.training.emulate import emulate_ranks
 from vlmlab.training.module import VLMModule
 from vlmlab.training.precision import apply_master_weights
-from vlmlab.training.resumable import EpochEndCheckpoint, StepCheckpoint
-from vlmlab.training.throughput import FlopsModel, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,14 @@ def run_key(cfg: DictConfig) -> str:
     return f"stage{cfg.stage.name}-{digest}"
 
 
-def resolve_resume(cfg: DictConfig, resume_dir: Path) -> tuple[Path | None, dict[str, Any]]:
+def resolve_resume(cfg: DictConfig, resume_dir: Path) -> tuple[Path | None, RunState]:
     """`resume`: null, auto (this config's unfinished run) or a Lightning .ckpt path."""
     value = cfg.get("resume")
     requeued = launch.requeued_checkpoint(resume_dir)  # this SLURM job saved, then requeued
     if requeued is not None:
         path = requeued
     elif value in (None, "", "null"):
-        return None, {}
+        return None, RunState()
     elif value == "auto":
         # the newest checkpoint that loads: a save killed midway never wins (checkpoints.py);
         # one older than the run's FINISHED mark belongs to that finished run
@@ -140,7 +141,7 @@ def resolve_resume(cfg: DictConfig, resume_dir: Path) -> tuple[Path | None, dict
             finished.is_file() and checkpoints.saved_at(last) <= finished.stat().st_mtime_ns
         ):
             log.info("resume=auto: no unfinished run of this config; starting fresh")
-            return None, {}
+            return None, RunState()
         path = last
     else:
         path = Path(value)
@@ -150,10 +151,8 @@ def resolve_resume(cfg: DictConfig, resume_dir: Path) -> tuple[Path | None, dict
                 f"{path} is not a loadable checkpoint.",
                 "use auto or a path to a .ckpt.",
             )
-    state_file = path.parent / "run.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     log.info("resuming from %s", path)
-    return path, state
+    return path, RunState.read(path.parent)
 
 
 def resolve_init(
@@ -161,7 +160,7 @@ def resolve_init(
     fingerprints: dict[str, str],
     ckpt_root: Path,
     choices: dict[str, str],
-    uri: str,
+    uri: str | None,
 ) -> Path | None:
     """`stage.init_from`: null, a checkpoint folder, an MLflow run (id or runs:/), or `auto`."""
     init_from = cfg.stage.get("init_from")
@@ -170,7 +169,7 @@ def resolve_init(
         return None
     if init_from != "auto":
         path = (
-            checkpoints.from_mlflow(init_from, uri)
+            checkpoint_of_run(init_from, uri, "stage.init_from")
             if checkpoints.is_run_reference(init_from)
             else Path(init_from)
         )
@@ -178,8 +177,7 @@ def resolve_init(
             raise ConfigError(
                 "stage.init_from", f"{path} is not a vlmlab checkpoint folder (no meta.json)."
             )
-        meta = checkpoints.read_meta(path)
-        differ = [c for c, fp in meta.get("fingerprints", {}).items() if fingerprints.get(c) != fp]
+        differ = checkpoints.differing_components(checkpoints.read_meta(path), fingerprints)
         if differ:
             raise ConfigError(
                 "stage.init_from",
@@ -199,40 +197,30 @@ def resolve_init(
     return found
 
 
-def build_logger(
-    cfg: DictConfig,
-    root: Path,
-    choices: dict[str, str],
-    run_id: str | None = None,
-    extra_tags: dict[str, str] | None = None,
-) -> Any:
-    if cfg.logger.kind == "none":
-        return None
-    if cfg.logger.kind != "mlflow":
-        raise ConfigError("logger.kind", f"got {cfg.logger.kind!r}.", "use mlflow or none.")
-    from lightning.pytorch.loggers import MLFlowLogger
+@dataclass
+class RunContext:
+    """Where a stage runs and what it continues: decided before any model is built."""
 
-    tags = {f"choice.{k}": v for k, v in choices.items()}
-    tags.update(
-        {k: v for k, v in choices.items() if k in (*COMPONENTS, "stage", "data", "experiment")}
-    )
-    tags["stage"] = str(cfg.stage.name)
-    tags.update(git_commit())
-    tags.update(extra_tags or {})
-    parent = parent_run_id()
-    if parent and run_id is None:  # a sweep job: child of the sweep's parent run
-        tags["mlflow.parentRunId"] = parent
-    name = cfg.logger.get("run_name") or run_name(
-        str(choices.get("stage", cfg.stage.name)), choices, task_overrides(), swept_keys()
-    )
-    return MLFlowLogger(
-        experiment_name=str(cfg.logger.experiment_name),
-        run_name=name,
-        tracking_uri=tracking_uri(cfg.logger.get("tracking_uri"), root),
-        tags=tags,
-        artifact_location=str((root / "mlartifacts").resolve().as_uri()),
-        run_id=run_id,
-    )
+    root: Path  # paths.root
+    choices: dict[str, str]  # Hydra group choices
+    key: str  # run_key: the identity resume and rank agreement check
+    resume_dir: Path
+    resume_from: Path | None  # a Lightning checkpoint to continue, if any
+    state: RunState  # what the resumed run started from
+    trainer_args: dict[str, Any]  # validated L.Trainer arguments
+    store_uri: str | None  # the MLflow store (None: logger=none)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.root / "checkpoints"
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """What the stage's weights start from, below the base weights."""
+
+    init: Path | None = None  # a vlmlab checkpoint (its chain is loaded)
+    hf_base: str | None = None  # an HF Llava folder (every weight)
 
 
 @dataclass
@@ -258,33 +246,95 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     started = time.time()
+    ctx = run_context(cfg)
+    model, tokenizer = build_model(cfg)  # embed -> encode -> project -> scatter -> decode
+    start, plan = start_and_policy(cfg, ctx, model)  # init/resume, then what trains
+    data = stage_data(cfg, model, tokenizer)
+    logger = tracked.logger = start_logger(cfg, ctx, data)
+    module = training_module(cfg, model, plan, start, data, logger)
+    stage_callbacks = build_callbacks(
+        callback_settings(cfg, ctx, logger), model, data.text_encoder, data.dataset
+    )
+    tracked.recorder = stage_callbacks.recorder
+    trainer = L.Trainer(
+        **ctx.trainer_args,
+        max_epochs=int(cfg.stage.epochs),
+        accumulate_grad_batches=accumulation(cfg),
+        logger=logger if logger is not None else False,
+        callbacks=stage_callbacks.callbacks,
+        default_root_dir=str(launch.lightning_root(ctx.resume_dir)),  # hpc_ckpt_* of this run
+    )
+    if trainer.is_global_zero:
+        record_start(cfg, ctx, start, plan, logger)
+    resume = str(ctx.resume_from) if ctx.resume_from is not None else None
+    trainer.fit(module, datamodule=data.datamodule, ckpt_path=resume)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if stage_callbacks.evaluation is not None and stage_callbacks.evaluation.results is not None:
+        metrics.update(stage_callbacks.evaluation.results.metrics)
+    result = save_stage(cfg, ctx, trainer, model, start, plan, metrics, logger)
+    result["seconds"] = time.time() - started
+    log.info("stage %s done in %.1fs: %s", cfg.stage.name, result["seconds"], metrics)
+    return result
+
+
+# ---- the recipe's steps ------------------------------------------------------------------------
+
+
+def run_context(cfg: DictConfig) -> RunContext:
+    """Validate, seed, check the stage and trainer, and find what a resume continues."""
     setup_logging()
     schema.validate(cfg)  # every unknown key at once, before any model is built
     root = Path(cfg.paths.root).resolve()
-    ckpt_root = root / "checkpoints"
-    choices = hydra_choices(cfg)
-    uri = tracking_uri(cfg.logger.get("tracking_uri"), root) if cfg.logger.kind == "mlflow" else ""
     L.seed_everything(int(cfg.seed), workers=True)
     stages.check_before_build(cfg.stage, cfg.trainer)
+    for key in ("llm.template", "stage.template"):  # a template name the registry lacks
+        get_template(str(OmegaConf.select(cfg, key)), key=key)
     trainer_args = strategies.trainer_kwargs(cfg)  # every trainer problem before a model is built
-    resume_dir = root / "resume" / run_key(cfg)
-    resume_from, resume_state = resolve_resume(cfg, resume_dir)
+    key = run_key(cfg)
+    resume_dir = root / "resume" / key
+    resume_from, state = resolve_resume(cfg, resume_dir)
+    return RunContext(
+        root=root,
+        choices=hydra_choices(cfg),
+        key=key,
+        resume_dir=resume_dir,
+        resume_from=resume_from,
+        state=state,
+        trainer_args=trainer_args,
+        store_uri=store_uri(logger_settings(cfg.logger), root),
+    )
 
-    # embed -> encode -> project -> scatter -> decode
+
+def build_model(cfg: DictConfig) -> tuple[Any, Any]:
+    """The VLM and its tokenizer (base weights; quantized when the stage says so)."""
     quantize = as_dict(cfg.stage.quantize) if cfg.stage.get("quantize") else None
-    model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm, quantization=quantize)
-    fingerprints = {c: checkpoints.component_fingerprint(cfg[c]) for c in COMPONENTS}
-    # Validate init_from and the policy together: one message lists every problem.
+    return build_vlm(cfg.encoder, cfg.connector, cfg.llm, quantization=quantize)
+
+
+def fingerprints_of(cfg: DictConfig) -> dict[str, str]:
+    return {c: checkpoints.component_fingerprint(cfg[c]) for c in COMPONENTS}
+
+
+def start_and_policy(
+    cfg: DictConfig, ctx: RunContext, model: Any
+) -> tuple[StageStart, stages.StagePlan]:
+    """Load what the stage starts from, apply its policy and master weights.
+
+    init_from and the policy are validated together: one message lists every problem.
+    """
     problems: list[ConfigError] = []
     init: Path | None = None
     init_from = str(cfg.stage.get("init_from") or "")
     hf_base = init_from.removeprefix("hf:") if init_from.startswith("hf:") else None
     try:
-        if resume_from is not None:
-            init = Path(resume_state["init"]) if resume_state.get("init") else None
-            hf_base = resume_state.get("hf_base")
+        if ctx.resume_from is not None:
+            init = Path(ctx.state.init) if ctx.state.init else None
+            hf_base = ctx.state.hf_base
         elif hf_base is None:
-            init = resolve_init(cfg, fingerprints, ckpt_root, choices, uri)
+            init = resolve_init(
+                cfg, fingerprints_of(cfg), ctx.ckpt_root, ctx.choices, ctx.store_uri
+            )
         if hf_base is not None:  # an HF Llava directory: every weight, then this stage trains on it
             from vlmlab.models.hf_llava import load_hf_weights
 
@@ -293,6 +343,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         problems.append(err)
     if init is not None:
         checkpoints.load_chain(model, init)
+    plan: stages.StagePlan | None = None
     try:
         plan = stages.apply(cfg.stage, model)
     except ConfigError as err:
@@ -303,6 +354,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         raise ConfigError(
             "stage", "problems found before training:\n  " + "\n  ".join(map(str, problems))
         )
+    assert plan is not None
     # fp32 master weights for everything that trains, one dtype per FSDP unit (training/precision.py)
     strategy = strategies.strategy_name(cfg.trainer)
     units = (
@@ -311,211 +363,243 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         else None
     )
     apply_master_weights(model, str(cfg.trainer.get("precision", "32-true")), strategy, units)
-    table = format_table(plan.table)
-    log.info("stage %s parameters:\n%s", cfg.stage.name, table)
+    log.info("stage %s parameters:\n%s", cfg.stage.name, format_table(plan.table))
+    return StageStart(init, hf_base), plan
 
+
+@dataclass
+class StageData:
+    text_encoder: TextEncoder
+    dataset: ResolvedDataset
+    datamodule: Any  # VLMDataModule (or its N-rank emulation)
+    total_steps: int  # optimizer steps of the whole stage
+
+
+def stage_data(cfg: DictConfig, model: Any, tokenizer: Any) -> StageData:
+    """Text encoding for this model, the stage's dataset and DataModule, the schedule length."""
     text_encoder = TextEncoder.for_model(
         model, tokenizer, str(cfg.stage.template), int(cfg.data.max_length)
     )
     dataset = resolve_dataset(cfg.data, str(cfg.stage.dataset))
-    datamodule = VLMDataModule(
-        dataset["shard_dir"],
+    datamodule = build_datamodule(
+        schema.typed(cfg.data, schema.DataConfig),
+        dataset,
         text_encoder,
         model.encoder.image_transform,
-        batch_size=int(cfg.data.batch_size),
-        num_workers=int(cfg.data.num_workers),
-        shuffle_buffer=int(cfg.data.shuffle_buffer),
         seed=int(cfg.seed),
-        prepare=dataset["prepare"],
-        sources=dataset.get("sources"),
-        mixture_size=cfg.data.get("mixture_size"),
-        group_by_length=bool(cfg.data.get("group_by_length", False)),
-        group_megabatch=int(cfg.data.get("group_megabatch", 16)),
     )
-    datamodule.prepare_data()  # before the schedule is sized from the manifest
-    emulate = strategies.emulated_ranks(cfg)
-    if emulate > 1:  # the one-process reference of an N-rank run (training/emulate.py)
-        datamodule = EmulatedRanks(datamodule, emulate)
+    datamodule = emulate_ranks(datamodule, strategies.emulated_ranks(cfg))
+    batches = int(cfg.stage.epochs) * datamodule.batches_per_epoch(world_size(cfg))
+    return StageData(text_encoder, dataset, datamodule, max(1, batches // accumulation(cfg)))
 
-    accumulate = accumulation(cfg)
-    epochs = int(cfg.stage.epochs)
-    total_steps = max(1, epochs * datamodule.batches_per_epoch(world_size(cfg)) // accumulate)
-    logger = build_logger(
-        cfg,
-        root,
-        choices,
-        run_id=resume_state.get("mlflow_run_id"),
-        extra_tags={
-            "data.manifest_sha256": manifest_checksum(Path(dataset["shard_dir"]))
-            if dataset["shard_dir"] is not None
-            else datamodule.mixture().checksum()  # a mixture: its manifests and weights
-        },
+
+def start_logger(cfg: DictConfig, ctx: RunContext, data: StageData) -> Any:
+    """The run's logger (None for logger=none); a resumed run continues its MLflow run."""
+    identity = RunIdentity(
+        stage=str(cfg.stage.name),
+        root=ctx.root,
+        choices=ctx.choices,
+        overrides=task_overrides(),
+        resume_run_id=ctx.state.mlflow_run_id,
+        tags={"data.manifest_sha256": data_checksum(data.dataset, data.datamodule)},
     )
-    tracked.logger = logger
-    run_id = getattr(logger, "run_id", None)
-    module = VLMModule(
+    return build_logger(logger_settings(cfg.logger), identity)
+
+
+def training_module(
+    cfg: DictConfig,
+    model: Any,
+    plan: stages.StagePlan,
+    start: StageStart,
+    data: StageData,
+    logger: Any,
+) -> VLMModule:
+    """The LightningModule: optimizer groups and schedule, the strategy's loss and sharding."""
+    return VLMModule(
         model,
         as_dict(cfg.stage.optim),
-        total_steps,
+        data.total_steps,
         groups=plan.groups,
-        extra_state={"init": str(init) if init else None, "mlflow_run_id": run_id},
+        extra_state={
+            "init": str(start.init) if start.init else None,
+            "mlflow_run_id": getattr(logger, "run_id", None),
+        },
         parallelize=strategies.fsdp_parallelizer(cfg),
         global_token_loss=strategies.uses_global_token_loss(cfg),
         sharded=strategies.shards_parameters(cfg),  # every forward runs every sharded unit
         optimizer_cls=optimizer_class(cfg),  # DeepSpeedCPUAdam under ZeRO-Offload
     )
 
-    callbacks: list[L.Callback] = [
-        StreamPosition(),
-        StepCheckpoint(str(resume_dir), int(cfg.checkpoint.every_n_steps)),
-        EpochEndCheckpoint(str(resume_dir)),  # a resume never replays a finished epoch
-        Throughput(FlopsModel.of(model), strategies.peak_flops(cfg.trainer)),
-    ]
-    record = (cfg.get("debug") or {}).get("record_samples")
-    if record:
-        callbacks.append(SampleRecorder(record))
-    sharded = strategies.shards_parameters(cfg)
-    eval_cb = build_eval_callback(cfg, dataset, text_encoder, root / "eval" / run_key(cfg))
-    if sharded and eval_cb is not None:
-        # generation runs on rank 0 only; with sharded weights the other ranks would not join
+
+def record_start(
+    cfg: DictConfig, ctx: RunContext, start: StageStart, plan: stages.StagePlan, logger: Any
+) -> None:
+    """Rank zero, before fit: the run state a resume continues, and a fresh run's record."""
+    run_id = getattr(logger, "run_id", None)
+    init = str(start.init) if start.init else None
+    RunState(init, start.hf_base, run_id).write(ctx.resume_dir)
+    if logger is not None and ctx.resume_from is None:
+        log_run_start(logger, run_start(cfg, plan, start))
+
+
+@dataclass(frozen=True)
+class CallbackSettings:
+    """What decides a stage's callbacks (built by `callback_settings` from the config)."""
+
+    resume_dir: Path  # resumable checkpoints of this run
+    run_key: str  # the identity every rank must share
+    every_n_steps: int  # checkpoint.every_n_steps
+    sharded: bool  # FSDP / ZeRO-3: weights are sharded over ranks
+    tracked: bool  # a logger is attached
+    eval_dir: Path  # end-of-stage benchmark outputs
+    evaluate: bool = False  # stage.evaluate
+    eval: schema.EvalConfig | None = None
+    samples: int = 0  # logger.samples: held-out answers logged at the end
+    peak_flops: float | None = None
+    record_samples: str | None = None  # debug.record_samples
+    extra: list[dict[str, Any]] = field(default_factory=list)  # trainer.extra_callbacks
+
+
+@dataclass
+class StageCallbacks:
+    callbacks: list[L.Callback]
+    evaluation: BenchmarkEval | None  # its `results` hold the benchmark metrics after fit
+    recorder: ExceptionRecorder  # the exception Lightning saw, for the run's outcome
+
+
+def build_callbacks(
+    settings: CallbackSettings,
+    model: Any,
+    text_encoder: TextEncoder,
+    dataset: ResolvedDataset,
+) -> StageCallbacks:
+    """Every callback of the stage, in order; fails (ConfigError) on a bad benchmark entry or
+    extra callback.
+
+    Order matters: an evaluation callback runs before the tracking callback that logs what it
+    returned, and the exception recorder sees errors before Lightning rewrites them. Under
+    sharded weights (FSDP, ZeRO-3) rank-0-only generation cannot run (the other ranks would
+    not join the gathers): benchmarks and sample answers are left out, with a warning.
+    """
+    callbacks = training_callbacks(
+        model,
+        settings.resume_dir,
+        settings.every_n_steps,
+        settings.peak_flops,
+        settings.record_samples,
+    )
+    evaluation = build_eval_callback(
+        settings.eval, settings.evaluate, dataset, text_encoder, settings.eval_dir
+    )
+    if settings.sharded and evaluation is not None:
         log.warning(
             "eval.benchmarks are skipped under FSDP / ZeRO-3 (sharded weights): run "
             "`vlmlab eval <checkpoint> --bench ...` on the saved checkpoint instead"
         )
-        eval_cb = None
-    if eval_cb is not None:  # eval.benchmarks at the end of the stage; eval/accuracy aliased
-        callbacks.append(eval_cb)
-    if logger is not None:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(tracking_callbacks.GradNorm())
-        samples = 0 if sharded else int(cfg.logger.get("samples", 0) or 0)
-        if samples and dataset.get("heldout") is not None and dataset.get("image_root"):
-            callbacks.append(
-                tracking_callbacks.SampleGenerations(
-                    text_encoder,
-                    model.encoder.image_transform,
-                    dataset["heldout"],
-                    dataset["image_root"],
-                    num_samples=samples,
-                )
-            )
-    callbacks.append(tracking_callbacks.RankAgreement(run_key(cfg)))
-    callbacks.append(launch.SlurmRequeue(resume_dir))  # inactive outside a SLURM job
-    callbacks.append(tracked.recorder)
-    keep_previous = bool(cfg.checkpoint.get("keep_previous", True))
-    trainer_args["plugins"] = [checkpoints.atomic_checkpoint_io(keep_previous)]
-    callbacks.extend(_extra_callbacks(trainer_args.pop("extra_callbacks", None) or []))
-    trainer = L.Trainer(
-        **trainer_args,
-        max_epochs=epochs,
-        accumulate_grad_batches=accumulate,
-        logger=logger if logger is not None else False,
-        callbacks=callbacks,
-        default_root_dir=str(launch.lightning_root(resume_dir)),  # hpc_ckpt_* of this run only
-    )
-    if trainer.is_global_zero:
-        resume_dir.mkdir(parents=True, exist_ok=True)
-        (resume_dir / "run.json").write_text(
-            json.dumps(
-                {"init": str(init) if init else None, "hf_base": hf_base, "mlflow_run_id": run_id}
-            )
-        )
-        if logger is not None and resume_from is None:
-            _log_run_start(logger, cfg, table, plan, init)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        evaluation = None
+    if evaluation is not None:  # eval.benchmarks at the end of the stage; eval/accuracy aliased
+        callbacks += [evaluation, tracking.LogEvalResults(evaluation)]
+    if settings.tracked:
+        from lightning.pytorch.callbacks import LearningRateMonitor
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if eval_cb is not None:
-        metrics.update(eval_cb.metrics)
+        callbacks += [LearningRateMonitor(logging_interval="step"), tracking.GradNorm()]
+        samples = 0 if settings.sharded else settings.samples
+        heldout, images = dataset["heldout"], dataset["image_root"]
+        if samples and heldout is not None and images is not None:
+            answers = SampleAnswers(
+                text_encoder, model.encoder.image_transform, heldout, images, num_samples=samples
+            )
+            callbacks += [answers, tracking.LogSamples(answers)]
+    recorder = ExceptionRecorder()
+    callbacks.append(tracking.RankAgreement(settings.run_key))
+    callbacks.append(launch.SlurmRequeue(settings.resume_dir))  # inactive outside a SLURM job
+    callbacks.append(recorder)
+    callbacks.extend(extra_callbacks(settings.extra))
+    return StageCallbacks(callbacks, evaluation, recorder)
+
+
+def callback_settings(cfg: DictConfig, ctx: RunContext, logger: Any) -> CallbackSettings:
+    debug = cfg.get("debug") or {}
+    return CallbackSettings(
+        resume_dir=ctx.resume_dir,
+        run_key=ctx.key,
+        every_n_steps=int(cfg.checkpoint.every_n_steps),
+        sharded=strategies.shards_parameters(cfg),
+        tracked=logger is not None,
+        eval_dir=ctx.root / "eval" / ctx.key,
+        evaluate=bool(cfg.stage.get("evaluate")),
+        eval=schema.typed(cfg.eval, schema.EvalConfig) if cfg.get("eval") is not None else None,
+        samples=int(cfg.logger.get("samples", 0) or 0),
+        peak_flops=strategies.peak_flops(cfg.trainer),
+        record_samples=debug.get("record_samples"),
+        extra=list(ctx.trainer_args.pop("extra_callbacks", None) or []),
+    )
+
+
+def run_start(cfg: DictConfig, plan: stages.StagePlan, start: StageStart) -> RunStart:
+    return RunStart(
+        config=without_hydra(cfg),
+        overrides=task_overrides(),
+        stage=str(cfg.stage.name),
+        table=format_table(plan.table),
+        trainable={row["component"]: row["trainable"] for row in plan.table},
+        lrs={group["name"]: group["lr"] for group in plan.groups},
+        world_size=world_size(cfg),
+        accumulation=accumulation(cfg),
+        init=start.init,
+    )
+
+
+def save_stage(
+    cfg: DictConfig,
+    ctx: RunContext,
+    trainer: L.Trainer,
+    model: Any,
+    start: StageStart,
+    plan: stages.StagePlan,
+    metrics: dict[str, float],
+    logger: Any,
+) -> dict[str, Any]:
+    """The stage checkpoint (trainable weights + CheckpointMeta) and the run's result."""
     # Stopped early (max_steps, Ctrl-C) = resumable, not complete: never picked by init_from=auto.
     hit_max_steps = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
-    complete = trainer.current_epoch >= epochs and not trainer.interrupted and not hit_max_steps
+    complete = (
+        trainer.current_epoch >= int(cfg.stage.epochs)
+        and not trainer.interrupted
+        and not hit_max_steps
+    )
     result: dict[str, Any] = {"metrics": metrics, "checkpoint": None, "complete": complete}
-    result["seconds"] = time.time() - started
     # every rank takes part: FSDP-sharded weights are gathered one tensor at a time
     final_weights = checkpoints.gather_trainable(model, keep=trainer.is_global_zero)
-    if trainer.is_global_zero:
-        meta = {
-            "complete": complete,
-            "stage": str(cfg.stage.name),
-            "choices": choices,
-            "fingerprints": {c: fingerprints[c] for c in list(cfg.stage.get("uses") or COMPONENTS)},
-            "config": {c: as_dict(cfg[c]) for c in COMPONENTS},
-            "template": str(cfg.stage.template),
-            "lora": plan.lora,
-            "parent": str(init) if init is not None else None,
-            "hf_base": hf_base,  # the root of the chain when it started from an HF Llava folder
-            "mlflow_run_id": run_id,
-            "global_step": trainer.global_step,
-            "metrics": metrics,
-        }
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"{stamp}-stage{cfg.stage.name}-{'-'.join(choices.get(c, c) for c in COMPONENTS)}-{time.time_ns() % 10**6:06d}"
-        result["checkpoint"] = str(
-            checkpoints.save_trainable(model, ckpt_root / name, meta, final_weights)
-        )
-        if complete:
-            (resume_dir / "FINISHED").write_text(result["checkpoint"] + "\n")
-        if logger is not None:
-            logger.experiment.set_tag(run_id, "checkpoint", result["checkpoint"])
-            logger.experiment.log_text(run_id, json.dumps(meta, indent=1), "checkpoint_meta.json")
-    log.info("stage %s done in %.1fs: %s", cfg.stage.name, result["seconds"], metrics)
+    if not trainer.is_global_zero:
+        return result
+    meta = CheckpointMeta(
+        stage=str(cfg.stage.name),
+        complete=complete,
+        parent=str(start.init) if start.init is not None else None,
+        hf_base=start.hf_base,  # the root of the chain when it started from an HF Llava folder
+        choices=ctx.choices,
+        fingerprints={
+            c: fp
+            for c, fp in fingerprints_of(cfg).items()
+            if c in list(cfg.stage.get("uses") or COMPONENTS)
+        },
+        config={c: as_dict(cfg[c]) for c in COMPONENTS},
+        template=str(cfg.stage.template),
+        lora=plan.lora,
+        mlflow_run_id=getattr(logger, "run_id", None),
+        global_step=trainer.global_step,
+        metrics=metrics,
+    )
+    parts = "-".join(ctx.choices.get(c, c) for c in COMPONENTS)
+    name = (
+        f"{time.strftime('%Y%m%d-%H%M%S')}-stage{cfg.stage.name}-{parts}-"
+        f"{time.time_ns() % 10**6:06d}"
+    )
+    path = checkpoints.save_trainable(model, ctx.ckpt_root / name, meta, final_weights)
+    result["checkpoint"] = str(path)
+    if complete:
+        (ctx.resume_dir / "FINISHED").write_text(result["checkpoint"] + "\n")
+    if logger is not None:
+        log_checkpoint(logger, path, checkpoints.read_meta(path))
     return result
-
-
-def _log_run_start(
-    logger: Any, cfg: DictConfig, table: str, plan: stages.StagePlan, init: Path | None
-) -> None:
-    clean = without_hydra(cfg)
-    logger.log_hyperparams(flatten(clean))
-    client, run_id = logger.experiment, logger.run_id
-    client.log_text(run_id, OmegaConf.to_yaml(clean, resolve=True), "config.yaml")
-    client.log_text(run_id, "\n".join(task_overrides()) + "\n", "overrides.txt")
-    client.log_text(run_id, table + "\n", "trainable_parameters.txt")
-    for row in plan.table:
-        client.log_param(run_id, f"params.{row['component']}.trainable", row["trainable"])
-    client.log_param(run_id, "trainer.world_size", world_size(cfg))
-    client.log_param(run_id, "trainer.accumulate_grad_batches", accumulation(cfg))
-    for group in plan.groups:
-        client.log_param(run_id, f"optim.group.{group['name']}.lr", group["lr"])
-    if init is not None:
-        client.set_tag(run_id, "init_from", str(init))
-        parent_run = checkpoints.read_meta(init).get("mlflow_run_id")
-        if parent_run:  # lineage: `stage.init_from=<this tag's value>` reproduces the start
-            client.set_tag(run_id, "vlmlab.parent_stage_run", parent_run)
-            client.set_tag(run_id, "parent_stage_run", parent_run)  # older name, kept for readers
-            client.set_tag(
-                run_id,
-                "mlflow.note.content",
-                f"Stage {cfg.stage.name} started from run {run_link(client, parent_run)} "
-                f"(checkpoint `{init}`).",
-            )
-
-
-def _extra_callbacks(specs: list[Any]) -> list[L.Callback]:
-    """`trainer.extra_callbacks`: Lightning callbacks given as `{_target_: ..., **kwargs}`."""
-    from hydra.utils import instantiate
-
-    built = []
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, dict) or "_target_" not in spec:
-            raise ConfigError(
-                f"trainer.extra_callbacks[{i}]",
-                f"got {spec!r}.",
-                "give a mapping with `_target_: package.module.CallbackClass` and its arguments.",
-            )
-        try:
-            callback = instantiate(spec)
-        except Exception as err:
-            raise ConfigError(
-                f"trainer.extra_callbacks[{i}]",
-                f"could not build {spec['_target_']}: {err}",
-                "check the import path and the arguments.",
-            ) from err
-        if not isinstance(callback, L.Callback):
-            raise ConfigError(
-                f"trainer.extra_callbacks[{i}]",
-                f"{spec['_target_']} is not a lightning.Callback.",
-            )
-        built.append(callback)
-    return built

@@ -31,6 +31,7 @@ from typing import Any
 from vlmlab.data.shards import MANIFEST, _add_member
 from vlmlab.data.validate import Accepted, Rejected, Validator, load_entries, validate_all
 from vlmlab.models.image_transform import ImageTransform
+from vlmlab.visual import FixedImageTokens
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +422,7 @@ def main(argv: list[str]) -> int:
             image_root=args.image_root,
             tokenizer=args.tokenizer,
             template=args.template,
-            image_tokens=args.image_tokens,
+            image_tokens=FixedImageTokens(args.image_tokens),
             max_length=args.max_length,
         )
         presize = encoder_transform(args.presize) if args.presize else None

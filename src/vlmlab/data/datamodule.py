@@ -32,7 +32,8 @@ from vlmlab.data.shards import read_manifest
 from vlmlab.data.split import Piece, WorkerPlan, batches_per_rank, plan_worker
 from vlmlab.data.tokenize import BadSample, TextEncoder
 from vlmlab.errors import ConfigError
-from vlmlab.models.vlm import IGNORE_INDEX, target_positions
+from vlmlab.text import IGNORE_INDEX
+from vlmlab.text.labels import target_positions
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class SampleProcessor:
             record = json.loads(raw["json"])
         except (KeyError, ValueError) as err:
             raise BadSample("bad_json", str(err)) from err
-        pixel_values = None
+        pixel_values, image_size = None, None
         if record.get("image"):
             payload = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
             if payload is None:
@@ -183,11 +184,14 @@ class SampleProcessor:
             try:
                 with Image.open(io.BytesIO(payload)) as image:
                     image.load()
+                    image_size = image.size  # the decoded size decides the token count
                     pixel_values = self.image_transform(image)
             except (OSError, ValueError) as err:
                 raise BadSample("corrupt_image", str(err)) from err
         encoded = self.text_encoder.encode(
-            record.get("conversations") or [], has_image=pixel_values is not None
+            record.get("conversations") or [],
+            has_image=pixel_values is not None,
+            image_size=image_size,
         )
         return {"id": record.get("id", raw.get("__key__")), "pixel_values": pixel_values, **encoded}
 
@@ -204,7 +208,9 @@ def collate(
     GPU never waits for the device (`VisionLanguageModel.forward` takes these keys):
     `target_index` (flat b*T + p of the positions whose next label is a target),
     `num_target_tokens` (a python int) and, given `image_token_id`, `image_index` (flat b*T + p
-    of the image-token slots).
+    of the image-token slots). `image_tokens` lists the token count of every image of the batch
+    in order, as the text side expanded it (samples from `TextEncoder.encode` carry theirs), so
+    the model checks each image's embeddings against its own slots without a device sync.
     """
     skipped: Counter[str] = Counter()
     for sample in samples:
@@ -221,6 +227,7 @@ def collate(
         labels[i, :n] = sample["labels"]
         attention_mask[i, :n] = 1
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    image_tokens = [count for s in samples for count in s.get("image_tokens", ())]
     pad_tokens, tokens = padding_counts([len(s["input_ids"]) for s in samples])
     target_index = target_positions(labels)
     extra: dict[str, Any] = {}
@@ -232,6 +239,7 @@ def collate(
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": torch.stack(images) if images else None,
+        "image_tokens": image_tokens,
         "skipped": dict(skipped),
         "num_pad_tokens": pad_tokens,
         "num_tokens": tokens,

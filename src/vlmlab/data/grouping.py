@@ -5,6 +5,10 @@ padding. Here a megabatch (the samples planned for k consecutive batches of one 
 sorted by (has image, length) and cut into k batches whose order is then shuffled: it works for
 all-image, all-text and mixed data alike, and it keeps the batch count the epoch plan fixed, so
 exactly-once and equal batches per rank hold with grouping on.
+
+A sample's length already counts its images' tokens, each as many as the vision side reported
+for that image (`TextEncoder.encode`), so images of different token counts group by their true
+length; modality is read from those counts too, not from how the pixels travel.
 """
 
 from __future__ import annotations
@@ -32,9 +36,7 @@ def form_batches(
         raise ValueError(f"{len(samples)} samples for planned batches {planned}")
     sizes = fit_sizes(planned, len(samples))
     if by_length:
-        samples = sorted(
-            samples, key=lambda s: (s.get("pixel_values") is not None, len(s["input_ids"]))
-        )
+        samples = sorted(samples, key=lambda s: (has_image(s), len(s["input_ids"])))
     batches, start = [], 0
     for size in sizes:
         batches.append(samples[start : start + size])
@@ -42,6 +44,11 @@ def form_batches(
     if by_length:
         rng.shuffle(batches)  # no long-to-short drift within the epoch
     return batches
+
+
+def has_image(sample: dict[str, Any]) -> bool:
+    """Whether the sample holds images: its per-image token counts (`TextEncoder.encode`)."""
+    return bool(sample.get("image_tokens"))
 
 
 def padding_counts(lengths: list[int]) -> tuple[int, int]:

@@ -1,4 +1,9 @@
-"""Resolve a stage's dataset to a shard folder or a mixture, generating the synthetic shapes data on demand."""
+"""Data sources: resolve a stage's dataset to a shard folder or a mixture.
+
+The kind of source is `data._target_` (a `DataSource` class): `ShardSource` reads converted
+shard folders, `ShapesSource` generates the synthetic shapes data on demand. A new kind is one
+class (in any module) plus one `conf/data/<name>.yaml` naming it; nothing here changes.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +25,97 @@ from vlmlab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SHAPE_SETS = ("align", "instruct", "text")
+
+
+class ResolvedDataset(TypedDict):
+    """What a stage trains on and evaluates against, as a source resolved it."""
+
+    shard_dir: Path | None  # None when `sources` (a mixture) is set
+    sources: list[Source] | None
+    heldout: Path | None  # held-out records (image, question, answer), if the source has any
+    image_root: Path | None  # where `heldout`'s images live
+    prepare: Callable[[], Any] | None  # makes the data exist (generation); run once, rank 0
+    synthetic_root: Path | None  # the generated data the synthetic benchmarks are built from
+
+
+class DataSource(Protocol):
+    """A data-source kind: built from the `data` group, resolves `stage.dataset`."""
+
+    def resolve(self, dataset: str) -> ResolvedDataset: ...
+
+    def set_dir(self, name: str, key: str) -> Path:
+        """Shard folder of `data.sets.<name>` (`key` names the config key in errors)."""
+        ...
+
+
+def data_source(data_cfg: DictConfig) -> DataSource:
+    """The `DataSource` class `data._target_` names, built from the data group."""
+    from hydra.utils import get_object
+
+    target = data_cfg.get("_target_")
+    if not target:
+        raise ConfigError(
+            "data._target_",
+            "missing.",
+            "name a DataSource class (vlmlab.data.prepare.ShardSource).",
+        )
+    try:
+        cls = get_object(str(target))
+    except Exception as err:  # any import failure is a config problem here
+        raise ConfigError("data._target_", f"cannot import {target!r} ({err}).") from err
+    source: DataSource = cls(data_cfg)
+    return source
+
+
+class ShardSource:
+    """`data.sets.<name>` are shard folders written by `vlmlab shards`; `data.heldout` a JSON."""
+
+    def __init__(self, data_cfg: DictConfig) -> None:
+        self.cfg = data_cfg
+
+    def set_dir(self, name: str, key: str) -> Path:
+        shard_dir = Path(_set_name(self.cfg, name, key))
+        if not (shard_dir / MANIFEST).is_file() and not any(shard_dir.glob("*.tar")):
+            raise ConfigError(
+                f"data.sets.{name}",
+                f"{shard_dir} has no {MANIFEST} and no *.tar shards.",
+                "convert the data to shards first (vlmlab shards).",
+            )
+        return shard_dir
+
+    def resolve(self, dataset: str) -> ResolvedDataset:
+        sources = mixture_sources(self.cfg, dataset, self)
+        heldout = self.cfg.get("heldout")
+        return {
+            "shard_dir": None if sources is not None else self.set_dir(dataset, "stage.dataset"),
+            "sources": sources,
+            "heldout": Path(heldout) if isinstance(heldout, str) and heldout else None,
+            "image_root": None,
+            "prepare": None,
+            "synthetic_root": None,
+        }
+
+
+class ShapesSource:
+    """The synthetic coloured shapes (`data.generator`), generated on first use."""
+
+    def __init__(self, data_cfg: DictConfig) -> None:
+        self.cfg = data_cfg
+
+    def set_dir(self, name: str, key: str) -> Path:
+        return shapes_dir(self.cfg) / "shards" / _set_name(self.cfg, name, key)
+
+    def resolve(self, dataset: str) -> ResolvedDataset:
+        sources = mixture_sources(self.cfg, dataset, self)
+        root = shapes_dir(self.cfg)
+        return {
+            "shard_dir": None if sources is not None else self.set_dir(dataset, "stage.dataset"),
+            "sources": sources,
+            "heldout": root / "heldout.json",
+            "image_root": root / "images",
+            "prepare": lambda: ensure_shapes(self.cfg),
+            "synthetic_root": root,
+        }
 
 
 def shapes_dir(data_cfg: DictConfig) -> Path:
@@ -48,26 +145,17 @@ def ensure_shapes(data_cfg: DictConfig) -> Path:
     return target
 
 
-def _set_dir(data_cfg: DictConfig, name: str, key: str) -> Path:
-    """Shard folder of `data.sets.<name>`."""
+def _set_name(data_cfg: DictConfig, name: str, key: str) -> str:
+    """`data.sets.<name>`, or a ConfigError naming the sets there are."""
     sets = data_cfg.get("sets") or {}
     if name not in sets:
         raise ConfigError(
             key, f"{name!r} is not a set of data={data_cfg.name}.", f"use one of {sorted(sets)}."
         )
-    if data_cfg.name == "shapes":
-        return shapes_dir(data_cfg) / "shards" / sets[name]
-    shard_dir = Path(sets[name])
-    if not (shard_dir / MANIFEST).is_file() and not any(shard_dir.glob("*.tar")):
-        raise ConfigError(
-            f"data.sets.{name}",
-            f"{shard_dir} has no {MANIFEST} and no *.tar shards.",
-            "convert the data to shards first (vlmlab shards).",
-        )
-    return shard_dir
+    return str(sets[name])
 
 
-def mixture_sources(data_cfg: DictConfig, dataset: str) -> list[Source] | None:
+def mixture_sources(data_cfg: DictConfig, dataset: str, source: DataSource) -> list[Source] | None:
     """`data.mixtures.<dataset>` as Sources, or None when the dataset is a plain set."""
     mixtures = data_cfg.get("mixtures") or {}
     if dataset not in mixtures:
@@ -78,30 +166,12 @@ def mixture_sources(data_cfg: DictConfig, dataset: str) -> list[Source] | None:
         raise ConfigError(
             key, f"got {entries!r}.", "give a list of {name, set|path, weight|count}."
         )
-    return parse_sources(entries, key, lambda name: _set_dir(data_cfg, name, key))
+    return parse_sources(entries, key, lambda name: source.set_dir(name, key))
 
 
-def resolve_dataset(data_cfg: DictConfig, dataset: str) -> dict[str, Any]:
+def resolve_dataset(data_cfg: DictConfig, dataset: str) -> ResolvedDataset:
     """Shard folder (or mixture sources) for `stage.dataset`, plus held-out file and image root.
 
     `data.mixtures.<dataset>`, when present, replaces `data.sets.<dataset>` for training.
     """
-    sources = mixture_sources(data_cfg, dataset)
-    shard_dir = None if sources is not None else _set_dir(data_cfg, dataset, "stage.dataset")
-    if data_cfg.name == "shapes":
-        root = shapes_dir(data_cfg)
-        return {
-            "shard_dir": shard_dir,
-            "sources": sources,
-            "heldout": root / "heldout.json",
-            "image_root": root / "images",
-            "prepare": lambda: ensure_shapes(data_cfg),
-        }
-    heldout = data_cfg.get("heldout")
-    return {
-        "shard_dir": shard_dir,
-        "sources": sources,
-        "heldout": Path(heldout) if isinstance(heldout, str) and heldout else None,
-        "image_root": None,
-        "prepare": None,
-    }
+    return data_source(data_cfg).resolve(dataset)

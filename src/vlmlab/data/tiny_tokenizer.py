@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmlab.data.shapes import corpus_text
-from vlmlab.data.templates import VicunaV1Template
+from vlmlab.text.templates.vicuna_v1 import VicunaV1Template
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 

@@ -1,4 +1,8 @@
-"""Conversation -> (input_ids, labels) with `<image>` expanded to M image tokens.
+"""Conversation -> (input_ids, labels) with each `<image>` expanded to that image's tokens.
+
+How many tokens an image gives is the vision side's answer (`vlmlab.visual.ImageTokenCounter`,
+from `VisionLanguageModel.image_token_counter()`), asked per image with its decoded size; the
+sample records the counts (`image_tokens`) so collate, grouping and the model's scatter agree.
 
 A sample that cannot be trained on raises `BadSample(reason)`; the pipeline skips and counts
 it. In particular a sample whose labels would all be -100 is rejected, never trained on.
@@ -13,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmlab.data.templates import IMAGE_PLACEHOLDER, Template, Turn
-from vlmlab.models.vlm import IGNORE_INDEX
+from vlmlab.text import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from vlmlab.text.templates import Template, Turn
+from vlmlab.visual import FixedImageTokens, ImageSize, ImageTokenCounter, ImageTokens
 
 
 class BadSample(Exception):
@@ -27,23 +32,37 @@ class BadSample(Exception):
 
 @dataclass(frozen=True)
 class TextEncoder:
-    """Everything the data pipeline needs from the model side, passed in (never imported)."""
+    """Everything the data pipeline needs from the model side, passed in (never imported).
+
+    `image_tokens` is the vision side's counter; an int n stands for `FixedImageTokens(n)`
+    (every image gives n tokens), the usual way to say it for a fixed-size encoder.
+    """
 
     tokenizer: Any
     template: Template
-    num_image_tokens: int
+    image_tokens: ImageTokenCounter | int
     image_token_id: int
     max_length: int
 
+    def __post_init__(self) -> None:
+        if isinstance(self.image_tokens, int):
+            object.__setattr__(self, "image_tokens", FixedImageTokens(self.image_tokens))
+
+    def tokens_for(self, image_size: ImageSize | None = None) -> ImageTokens:
+        """Tokens of one image of this (width, height), as the model will embed it."""
+        counter = self.image_tokens
+        assert not isinstance(counter, int)  # normalised in __post_init__
+        return counter(image_size)
+
     @classmethod
     def for_model(cls, model: Any, tokenizer: Any, template: str, max_length: int) -> TextEncoder:
-        """The encoder a composed model trains with: its tokenizer, image token and M."""
-        from vlmlab.data.templates import get_template
+        """The encoder a composed model trains with: its tokenizer, image token and counter."""
+        from vlmlab.text.templates import get_template
 
         return cls(
             tokenizer,
             get_template(template, tokenizer.eos_token),
-            model.num_image_tokens,
+            model.image_token_counter(),
             model.image_token_id,
             int(max_length),
         )
@@ -66,8 +85,14 @@ class TextEncoder:
         return turns
 
     def encode(
-        self, conversations: list[dict[str, str]], has_image: bool
-    ) -> dict[str, torch.Tensor]:
+        self,
+        conversations: list[dict[str, str]],
+        has_image: bool,
+        image_size: ImageSize | None = None,
+    ) -> dict[str, Any]:
+        """input_ids and labels (tensors) and `image_tokens`, the token count of each image in
+        order. `image_size` is the image's decoded (width, height), for a count that depends on
+        it (a fixed-size encoder ignores it)."""
         turns = self.parse_turns(conversations)
         num_placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
         if num_placeholders != int(has_image):
@@ -96,18 +121,34 @@ class TextEncoder:
                 "no_bos", "tokenizer did not add BOS: set llm.tokenizer.add_bos_token=true"
             )
         labels = _labels(text, ids, offsets, spans)
-        # expand the single <image> token into M copies (HF Llava convention)
-        out_ids, out_labels = list(ids), labels
-        for i in reversed([i for i, token in enumerate(ids) if token == self.image_token_id]):
-            out_ids[i : i + 1] = [self.image_token_id] * self.num_image_tokens
-            out_labels[i : i + 1] = [IGNORE_INDEX] * self.num_image_tokens
+        counts = [self.tokens_for(image_size).count] if has_image else []
+        out_ids, out_labels = self._expand(ids, labels, counts)
         if len(out_ids) > self.max_length:
             out_ids, out_labels = out_ids[: self.max_length], out_labels[: self.max_length]
-            if has_image and out_ids.count(self.image_token_id) != self.num_image_tokens:
+            if out_ids.count(self.image_token_id) != sum(counts):
                 raise BadSample("too_long", f"truncation at {self.max_length} cuts the image")
         if out_labels.count(IGNORE_INDEX) == len(out_labels):
             raise BadSample("no_targets", "every label is -100 after masking/truncation")
-        return {"input_ids": _long_tensor(out_ids), "labels": _long_tensor(out_labels)}
+        return {
+            "input_ids": _long_tensor(out_ids),
+            "labels": _long_tensor(out_labels),
+            "image_tokens": counts,
+        }
+
+    def _expand(
+        self, ids: list[int], labels: list[int], counts: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """Each image token -> that image's count of copies, never targets (HF Llava convention)."""
+        slots = [i for i, token in enumerate(ids) if token == self.image_token_id]
+        if len(slots) != len(counts):
+            raise BadSample(
+                "image_token_count", f"{len(slots)} image tokens for {len(counts)} images"
+            )
+        out_ids, out_labels = list(ids), list(labels)
+        for i, count in reversed(list(zip(slots, counts))):
+            out_ids[i : i + 1] = [self.image_token_id] * count
+            out_labels[i : i + 1] = [IGNORE_INDEX] * count
+        return out_ids, out_labels
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character offsets of the rendered text.
@@ -143,13 +184,14 @@ class TextEncoder:
             start += len(piece)
         return ids, offsets
 
-    def encode_prompt(self, turns: list[Turn]) -> torch.Tensor:
-        """Prompt ids for generation (image token expanded), tokenised as in training."""
+    def encode_prompt(self, turns: list[Turn], image_size: ImageSize | None = None) -> torch.Tensor:
+        """Prompt ids for generation (each image token expanded to its image's count), tokenised
+        as in training. `image_size`: the (width, height) of the prompt's image, if it has one."""
         text = self.template.prompt(turns)
         ids, _ = self._tokenize(text)
-        out: list[int] = []
-        for token in ids:
-            out += [token] * self.num_image_tokens if token == self.image_token_id else [token]
+        num_images = ids.count(self.image_token_id)
+        counts = [self.tokens_for(image_size).count for _ in range(num_images)]
+        out, _ = self._expand(ids, [IGNORE_INDEX] * len(ids), counts)
         return torch.tensor(out)
 
 

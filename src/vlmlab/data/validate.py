@@ -19,6 +19,7 @@ from typing import Any
 
 from vlmlab.data.tokenize import BadSample, TextEncoder
 from vlmlab.errors import ConfigError
+from vlmlab.visual import ImageSize, ImageTokenCounter
 
 UNLIMITED = 1 << 30
 # The image members the data loader reads (datamodule.IMAGE_EXTENSIONS, equal by test): kept here
@@ -100,11 +101,14 @@ class Validator:
         image_root: Path,
         tokenizer: str = "pkg://tiny_tokenizer",
         template: str = "vicuna_v1",
-        image_tokens: int = 576,
+        image_tokens: ImageTokenCounter | int = 576,
         max_length: int | None = None,
     ) -> Validator:
-        from vlmlab.data.templates import get_template
-        from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
+        """`image_tokens`: what each image expands to, the vision side's counter (an int: every
+        image that many, 576 for CLIP-L/14 at 336 px)."""
+        from vlmlab.models.llm import build_tokenizer
+        from vlmlab.text import IMAGE_TOKEN
+        from vlmlab.text.templates import get_template
 
         if not tokenizer.startswith("pkg://") and not Path(tokenizer).is_dir():
             raise ConfigError(
@@ -138,8 +142,12 @@ class Validator:
             )
         image = value.get("image")
         try:
-            ext, sha, size = self._check_image(image) if image is not None else (None, None, 0)
-            encoded = self.text_encoder.encode(conversations, has_image=image is not None)
+            ext, sha, size, dims = (
+                self._check_image(image) if image is not None else (None, None, 0, None)
+            )
+            encoded = self.text_encoder.encode(
+                conversations, has_image=image is not None, image_size=dims
+            )
         except BadSample as bad:
             detail = str(bad).removeprefix(bad.reason).removeprefix(": ")
             return Rejected(index, sample_id, bad.reason, detail)
@@ -159,8 +167,10 @@ class Validator:
             num_tokens=num_tokens,
         )
 
-    def _check_image(self, image: Any) -> tuple[str, str, int]:
-        """(ext, sha256, size) of a readable image; BadSample otherwise."""
+    def _check_image(self, image: Any) -> tuple[str, str, int, ImageSize]:
+        """(ext, sha256, bytes, (width, height)) of a readable image; BadSample otherwise.
+
+        The dimensions are what the loader will decode: they decide the image's token count."""
         from PIL import Image
 
         if not isinstance(image, str) or not image:
@@ -175,10 +185,11 @@ class Validator:
             raise BadSample("missing_image", str(path)) from None
         try:
             with Image.open(io.BytesIO(payload)) as opened:
+                dims = opened.size
                 opened.verify()
         except Exception as err:  # PIL raises many types for broken files
             raise BadSample("corrupt_image", f"{image}: {err}") from None
-        return ext, hashlib.sha256(payload).hexdigest(), len(payload)
+        return ext, hashlib.sha256(payload).hexdigest(), len(payload), dims
 
 
 _VALIDATOR: Validator | None = None

@@ -1,31 +1,50 @@
-"""Benchmarks at the end of a stage (`eval.benchmarks`), logged as `eval/<benchmark>/<metric>`.
+"""Benchmarks at the end of a stage (`eval.benchmarks`), as metrics `eval/<benchmark>/<metric>`.
 
 The same `run_benchmark` as `vlmlab eval` scores them, so the number a run logs is the number
-`vlmlab eval` gives on its checkpoint. `eval.alias`'s accuracy is also logged as `eval/accuracy`,
-the key the demo and sweeps read.
+`vlmlab eval` gives on its checkpoint. `eval.alias`'s accuracy is also given as `eval/accuracy`,
+the key the demo and sweeps read. `SampleAnswers` gives a few held-out answers to look at.
+These callbacks only compute: their `results` / `rows` are what tracking logs
+(`tracking.callbacks.LogEvalResults`, `LogSamples`), wired by `train.build_callbacks`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+import torch
+from PIL import Image
 
+from vlmlab.data.prepare import ResolvedDataset
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.eval.benchmarks import SYNTHETIC, synthetic_for_shapes
 from vlmlab.eval.generate import Generator
+from vlmlab.eval.heldout import evaluate_heldout
 from vlmlab.eval.runner import run_benchmark
 from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.schema import EvalConfig
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class EvalResults:
+    """What the end-of-stage evaluation produced: metrics, per-benchmark summaries, files."""
+
+    step: int
+    out_dir: Path  # <out_dir>/<benchmark>/{predictions.jsonl,summary.json}
+    metrics: dict[str, float] = field(default_factory=dict)
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 class BenchmarkEval(L.Callback):
-    """On rank zero after fit: answer each benchmark with the trained model and log the metrics."""
+    """On rank zero after fit: answer each benchmark with the trained model; see `results`."""
 
     def __init__(
         self,
@@ -42,8 +61,7 @@ class BenchmarkEval(L.Callback):
         self.shapes_root = shapes_root
         self.alias = alias
         self.settings = settings
-        self.summaries: dict[str, dict[str, Any]] = {}
-        self.metrics: dict[str, float] = {}
+        self.results: EvalResults | None = None  # set on rank zero at the end of fit
 
     def _files(self) -> dict[str, Path]:
         files: dict[str, Path] = {}
@@ -66,11 +84,12 @@ class BenchmarkEval(L.Callback):
             self.text_encoder.template,
             model.encoder.image_transform,
         )
+        results = EvalResults(step=trainer.global_step, out_dir=self.out_dir)
         for name, path in self._files().items():
             summary = run_benchmark(generator, path, self.out_dir, name=name, **self.settings)
-            self.summaries[name] = summary
+            results.summaries[name] = summary
             for metric, value in summary["metrics"].items():
-                self.metrics[f"eval/{name}/{metric}"] = float(value)
+                results.metrics[f"eval/{name}/{metric}"] = float(value)
             log.info(
                 "eval %s: %s on %d questions (%d rejected)",
                 name,
@@ -79,55 +98,93 @@ class BenchmarkEval(L.Callback):
                 summary["num_rejected"],
             )
         alias = f"eval/{self.alias}/accuracy"
-        if alias in self.metrics:
-            self.metrics["eval/accuracy"] = self.metrics[alias]
-        for logger in trainer.loggers:
-            logger.log_metrics(self.metrics, step=trainer.global_step)
-            run_id = getattr(logger, "run_id", None)
-            client = getattr(logger, "experiment", None)
-            if run_id and hasattr(client, "log_artifacts") and self.out_dir.is_dir():
-                client.log_artifacts(run_id, str(self.out_dir), "eval")  # type: ignore[union-attr]
+        if alias in results.metrics:
+            results.metrics["eval/accuracy"] = results.metrics[alias]
+        self.results = results
+
+
+class SampleAnswers(L.Callback):
+    """At the end of fit (rank zero), greedy answers to a few held-out questions.
+
+    Why: a number like accuracy says little about *what* the model says; a few answers next
+    to their pictures do. `rows` (question, image, prediction, answer ...) is what tracking
+    logs (`tracking.callbacks.LogSamples`); images are relative to `image_root`.
+    """
+
+    def __init__(
+        self,
+        text_encoder: TextEncoder,
+        image_transform: Callable[[Image.Image], torch.Tensor],
+        heldout_file: Path,
+        image_root: Path,
+        num_samples: int = 4,
+        max_new_tokens: int = 16,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.image_transform = image_transform
+        self.heldout_file = Path(heldout_file)
+        self.image_root = Path(image_root)
+        self.num_samples = num_samples
+        self.max_new_tokens = max_new_tokens
+        self.rows: list[dict[str, Any]] = []
+        self.step = 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.num_samples < 1:
+            return
+        records = json.loads(self.heldout_file.read_text())[: self.num_samples]
+        result = evaluate_heldout(
+            pl_module.model,  # type: ignore[arg-type]
+            self.text_encoder,
+            self.image_transform,
+            self.heldout_file,
+            self.image_root,
+            max_samples=self.num_samples,
+            batch_size=self.num_samples,
+            max_new_tokens=self.max_new_tokens,
+        )
+        self.step = trainer.global_step
+        self.rows = [
+            {"question": r["question"], "image": r["image"], **p}
+            for r, p in zip(records, result["predictions"])
+        ]
 
 
 def build_eval_callback(
-    cfg: DictConfig, dataset: dict[str, Any], text_encoder: TextEncoder, out_dir: Path
+    eval_cfg: EvalConfig | None,
+    evaluate: bool,
+    dataset: ResolvedDataset,
+    text_encoder: TextEncoder,
+    out_dir: Path,
 ) -> BenchmarkEval | None:
     """The callback for a stage with `stage.evaluate: true` and benchmarks to run, else None.
 
-    Synthetic names (shapes_colour ...) need data=shapes and are skipped otherwise; file entries
-    must exist now, so a typo fails before training, not after it.
+    Synthetic names (shapes_colour ...) need a data source that generates them (data=shapes)
+    and are skipped otherwise; file entries must exist now, so a typo fails before training.
     """
-    eval_cfg = cfg.get("eval")
-    if not cfg.stage.get("evaluate") or eval_cfg is None or not eval_cfg.get("benchmarks"):
+    if not evaluate or eval_cfg is None or not eval_cfg.benchmarks:
         return None
-    shapes_root = None
-    if cfg.data.get("name") == "shapes" and dataset.get("heldout") is not None:
-        shapes_root = Path(dataset["heldout"]).parent
+    synthetic_root = dataset.get("synthetic_root")
     benchmarks = [str(b) for b in eval_cfg.benchmarks]
     for entry in benchmarks:
         if entry in SYNTHETIC:
-            if shapes_root is None:
-                log.info(
-                    "eval.benchmarks: %s needs data=shapes; skipped for data=%s",
-                    entry,
-                    cfg.data.get("name"),
-                )
+            if synthetic_root is None:
+                log.info("eval.benchmarks: %s needs generated data (data=shapes); skipped", entry)
         elif not Path(entry).is_file():
             raise ConfigError(
                 "eval.benchmarks",
                 f"{entry!r} is neither a synthetic benchmark ({', '.join(SYNTHETIC)}) nor a file.",
                 "give JSONL paths (see `vlmlab eval --help`) or synthetic names.",
             )
-    max_samples = eval_cfg.get("max_samples")
     return BenchmarkEval(
         benchmarks,
         text_encoder,
         out_dir,
-        shapes_root=shapes_root,
-        alias=eval_cfg.get("alias"),
+        shapes_root=Path(synthetic_root) if synthetic_root is not None else None,
+        alias=eval_cfg.alias,
         batch_size=int(eval_cfg.batch_size),
         max_new_tokens=int(eval_cfg.max_new_tokens),
-        short_answer_prompt=bool(eval_cfg.get("short_answer_prompt", False)),
-        circular=bool(eval_cfg.get("circular", False)),
-        max_samples=int(max_samples) if max_samples is not None else None,
+        short_answer_prompt=bool(eval_cfg.short_answer_prompt),
+        circular=bool(eval_cfg.circular),
+        max_samples=int(eval_cfg.max_samples) if eval_cfg.max_samples is not None else None,
     )

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from vlmlab.data.templates import IMAGE_PLACEHOLDER, Turn
 from vlmlab.errors import ConfigError
 from vlmlab.eval.generate import GenerationConfig, Generator, Request
 from vlmlab.eval.loading import add_device_arguments, load_model
+from vlmlab.text import IMAGE_PLACEHOLDER
+from vlmlab.text.templates import Turn
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmlab.data.templates import IMAGE_PLACEHOLDER, Template, Turn
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.text import IMAGE_PLACEHOLDER
+from vlmlab.text.templates import Template, Turn
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class Generator:
         self.text = TextEncoder(
             self.tokenizer,
             self.template,
-            self.model.num_image_tokens,
+            self.model.image_token_counter(),
             self.model.image_token_id,
             max_length=1 << 30,  # prompts are not truncated; the LLM's limit applies
         )
@@ -208,7 +209,8 @@ class Generator:
                 f"a request with {'an' if request.image else 'no'} image needs "
                 f"{int(request.image is not None)} {IMAGE_PLACEHOLDER} in its turns, got {placeholders}"
             )
-        return self.text.encode_prompt(request.turns)
+        size = request.image.size if request.image is not None else None
+        return self.text.encode_prompt(request.turns, image_size=size)
 
     def _clean(self, ids: list[int], stops: Sequence[str]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=False)

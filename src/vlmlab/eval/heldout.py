@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmlab.data.templates import IMAGE_PLACEHOLDER, Turn
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.eval.generate import GenerationConfig, Generator, Request
 from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.text import IMAGE_PLACEHOLDER
+from vlmlab.text.templates import Turn
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlmlab.data.templates import _TEMPLATES, Template, get_template
+from vlmlab.checkpoints.meta import CheckpointMeta
 from vlmlab.errors import ConfigError
 from vlmlab.eval.generate import Generator
 from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.text.templates import Template, available_templates, get_template
 
 log = logging.getLogger(__name__)
 
@@ -140,24 +140,16 @@ class LoadedModel:
         )
 
 
-def default_tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the store `vlmlab train` writes: sqlite:///$VLMLAB_ROOT/mlflow.db."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    root = Path(os.environ.get("VLMLAB_ROOT", "runs")).resolve()
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
 def resolve_reference(reference: str, tracking_uri: str | None = None) -> Path:
     """A folder as given, or the checkpoint folder an MLflow run recorded."""
-    from vlmlab import checkpoints
+    from vlmlab.checkpoints import is_run_reference
+    from vlmlab.tracking.runs import checkpoint_of_run
 
     path = Path(reference)
     if path.exists():
         return path
-    if checkpoints.is_run_reference(reference):
-        return checkpoints.from_mlflow(reference, tracking_uri or default_tracking_uri())
+    if is_run_reference(reference):
+        return checkpoint_of_run(reference, tracking_uri, "checkpoint")
     raise ConfigError(
         "checkpoint",
         f"{reference!r} is neither a folder nor an MLflow run id / runs:/<id> URI.",
@@ -185,11 +177,11 @@ def load_model(
     path = resolve_reference(str(reference), tracking_uri)
     if (path / "meta.json").is_file() and (path / "trainable.safetensors").is_file():
         model, tokenizer, meta = _load_checkpoint(path, target, dtype)
-        name = template or meta.get("template") or meta["config"]["llm"].get("template")
+        name = template or meta.template_name()
         kind = "checkpoint"
     elif (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
         model, tokenizer, meta = _load_merged(path, target, dtype)
-        name = template or meta.get("template") or meta["config"]["llm"].get("template")
+        name = template or meta.template_name()
         kind = "merged"
     elif (path / "config.json").is_file():
         from vlmlab.models.hf_llava import load_hf_llava
@@ -212,13 +204,13 @@ def load_model(
 
 
 def _build(
-    meta: dict[str, Any], path: Path, device: torch.device, dtype: str | None
+    meta: CheckpointMeta, path: Path, device: torch.device, dtype: str | None
 ) -> tuple[VisionLanguageModel, Any]:
     from omegaconf import OmegaConf
 
     from vlmlab.models import build_vlm
 
-    config = meta.get("config")
+    config = meta.config
     if not config:
         raise ConfigError(
             "checkpoint",
@@ -230,7 +222,7 @@ def _build(
 
 def _load_checkpoint(
     path: Path, device: torch.device, dtype: str | None
-) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+) -> tuple[VisionLanguageModel, Any, CheckpointMeta]:
     """merge.build_from_checkpoint, with the recorded configs adapted by `runtime_config`."""
     from vlmlab import checkpoints
 
@@ -242,10 +234,12 @@ def _load_checkpoint(
 
 def _load_merged(
     path: Path, device: torch.device, dtype: str | None
-) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+) -> tuple[VisionLanguageModel, Any, CheckpointMeta]:
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "meta.json").read_text())
+    from vlmlab.checkpoints import read_meta
+
+    meta = read_meta(path)
     model, tokenizer = _build(meta, path, device, dtype)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model, tokenizer, meta
@@ -260,7 +254,7 @@ def detect_hf_template(path: Path) -> str:
     saved = _saved_chat_template(path)
     if saved:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        for name in _TEMPLATES:
+        for name in available_templates():
             if name == "plain":
                 continue
             candidate = get_template(name, tokenizer.eos_token)

@@ -18,7 +18,6 @@ from typing import Any
 
 from PIL import Image
 
-from vlmlab.data.templates import IMAGE_PLACEHOLDER, Turn
 from vlmlab.errors import ConfigError
 from vlmlab.eval import scorers
 from vlmlab.eval.generate import GenerationConfig, Generator, Request
@@ -27,6 +26,8 @@ from vlmlab.eval.scorers import MC_PROMPT as MC_PROMPT  # re-exported: prompts l
 from vlmlab.eval.scorers import SHORT_ANSWER_PROMPT as SHORT_ANSWER_PROMPT
 from vlmlab.eval.scorers import Item, Query
 from vlmlab.eval.scorers import RowError as _Reject
+from vlmlab.text import IMAGE_PLACEHOLDER
+from vlmlab.text.templates import Turn
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +223,20 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
 def make_synthetic(out_dir: Path, overrides: list[str]) -> dict[str, Path]:
     """Synthetic benchmarks from the held-out split of the shapes data the config names."""
     from vlmlab.config import compose
-    from vlmlab.data.prepare import ensure_shapes
+    from vlmlab.data.prepare import resolve_dataset
     from vlmlab.eval.benchmarks import write_synthetic
 
     cfg = compose(overrides)
-    if cfg.data.name != "shapes":
+    dataset = resolve_dataset(cfg.data, str(cfg.stage.dataset))
+    root = dataset["synthetic_root"]
+    if root is None:
         raise ConfigError(
-            "data", f"synthetic benchmarks come from data=shapes, not {cfg.data.name}."
+            "data",
+            f"synthetic benchmarks come from generated data (data=shapes), not {cfg.data.name}.",
         )
-    return write_synthetic(ensure_shapes(cfg.data), out_dir)
+    if dataset["prepare"] is not None:
+        dataset["prepare"]()
+    return write_synthetic(root, out_dir)
 
 
 def main(argv: list[str]) -> int:

@@ -19,60 +19,28 @@ import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.contracts import VisionEncoder
 from vlmlab.models.image_transform import ImageTransform
-from vlmlab.models.llm import check_attn_implementation
+from vlmlab.models.llm import check_attn_implementation, enable_hf_checkpointing
+from vlmlab.models.vision import (
+    check_family,
+    check_select_feature,
+    hf_classes,
+    hidden_state_index,
+    num_feature_tokens,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
-_FAMILIES = {
-    # family: (config class, model class, has CLS token)
-    "clip": ("CLIPVisionConfig", "CLIPVisionModel", True),
-    "siglip": ("SiglipVisionConfig", "SiglipVisionModel", False),
-}
 BACKENDS = ("transformers", "timm")
-SELECT_FEATURES = ("patch", "cls_patch")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # keys of an encoder preset that only one backend reads
 _TIMM_ONLY = ("timm_name", "timm_kwargs", "timm_checkpoint")
 _HF_ONLY = ("name_or_path",)
 
 
-def check_family(family: str) -> bool:
-    """Validate `encoder.family`; returns whether the family has a CLS token."""
-    if family not in _FAMILIES:
-        raise ConfigError(
-            "encoder.family", f"unknown family {family!r}.", f"use one of {sorted(_FAMILIES)}."
-        )
-    return _FAMILIES[family][2]
-
-
-def check_select_feature(select_feature: str) -> None:
-    if select_feature not in SELECT_FEATURES:
-        raise ConfigError(
-            "encoder.select_feature", f"got {select_feature!r}.", "use patch or cls_patch."
-        )
-
-
-def torch_dtype(dtype: str) -> torch.dtype:
-    """`encoder.dtype` as a torch dtype (weights load in it, not in the checkpoint's dtype)."""
-    if dtype not in _DTYPES:
-        raise ConfigError("encoder.dtype", f"got {dtype!r}.", f"use one of {sorted(_DTYPES)}.")
-    return _DTYPES[dtype]
-
-
-def hidden_state_index(select_layer: int, num_layers: int) -> int:
-    """`select_layer` as a non-negative index into the L+1 hidden states (0 = embeddings)."""
-    if not (-num_layers - 1 <= select_layer <= num_layers):
-        raise ConfigError(
-            "encoder.select_layer",
-            f"{select_layer} is out of range for a {num_layers}-layer encoder.",
-            f"use a value in [{-num_layers - 1}, {num_layers}] (LLaVA uses -2).",
-        )
-    return select_layer % (num_layers + 1)
-
-
-class HFVisionEncoder(nn.Module):
+class HFVisionEncoder(nn.Module, VisionEncoder):
     """A transformers CLIP/SigLIP vision tower behind the VisionEncoder contract."""
 
     def __init__(
@@ -96,7 +64,7 @@ class HFVisionEncoder(nn.Module):
         attn_kwargs: dict[str, Any] = {"attn_implementation": attn} if attn else {}
         import transformers
 
-        config_cls_name, model_cls_name, _ = _FAMILIES[family]
+        config_cls_name, model_cls_name = hf_classes(family)
         model_cls = getattr(transformers, model_cls_name)
         if pretrained:
             if not name_or_path:
@@ -145,26 +113,34 @@ class HFVisionEncoder(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Feature tokens per image handed to the connector."""
-        keep_cls = self.has_cls and self.select_feature == "cls_patch"
-        return self.num_patches + int(keep_cls)
+        return num_feature_tokens(self.num_patches, self.has_cls, self.select_feature)
 
-    def unused_parameter_names(self) -> list[str]:
+    def _inner(self) -> Any:
+        return getattr(self.vision, "vision_model", self.vision)
+
+    def blocks(self) -> list[nn.Module]:
+        """The tower's transformer layers (CLIPEncoderLayer / SiglipEncoderLayer), in order."""
+        return list(self._inner().encoder.layers)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
         """Parameters after `select_layer` (later blocks, post-norm, pooling head).
 
         The forward never reaches them, so a stage must not train them (no gradient; DDP
-        would also fail on them). Found by module identity, whatever the naming.
+        would also fail on them).
         """
-        inner = getattr(self.vision, "vision_model", self.vision)
-        layers = inner.encoder.layers
+        inner, layers = self._inner(), self.blocks()
         used = hidden_state_index(self.select_layer, len(layers))
         unused = [layers[i] for i in range(used, len(layers))]
         unused += [
             m
             for m in (getattr(inner, "post_layernorm", None), getattr(inner, "head", None))
-            if m is not None
+            if isinstance(m, nn.Module)
         ]
-        ids = {id(p) for module in unused for p in module.parameters()}
-        return [name for name, p in self.named_parameters() if id(p) in ids]
+        return [p for module in unused for p in module.parameters()]
+
+    def enable_activation_checkpointing(self) -> None:
+        """Non-reentrant checkpointing of each layer (transformers' own per-layer wrapper)."""
+        enable_hf_checkpointing(self.vision)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, D) features of `select_layer`."""

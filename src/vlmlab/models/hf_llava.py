@@ -30,17 +30,18 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
-from vlmlab.data.templates import IMAGE_PLACEHOLDER, Template, Turn
 from vlmlab.errors import ConfigError
 from vlmlab.models.connectors.mlp import MLPConnector
 from vlmlab.models.encoder import HFVisionEncoder
-from vlmlab.models.llm import IMAGE_TOKEN, build_tokenizer
+from vlmlab.models.llm import build_tokenizer
 from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.text import IMAGE_PLACEHOLDER, IMAGE_TOKEN
+from vlmlab.text.templates import Template, Turn
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ _OWN_FORMAT = (
 # ----------------------------------------------------------------------------- export
 
 
-def _base_model(llm: nn.Module) -> nn.Module:
+def _base_model(llm: Any) -> nn.Module:
     prefix = getattr(llm, "base_model_prefix", "")
     base = getattr(llm, prefix, None) if prefix else None
     if not isinstance(base, nn.Module):
@@ -109,6 +110,12 @@ def check_exportable(model: VisionLanguageModel) -> None:
     _base_model(model.llm)
 
 
+def llava_parts(model: VisionLanguageModel) -> tuple[HFVisionEncoder, MLPConnector, Any]:
+    """Encoder, connector and LLM as the classes Llava maps, once `check_exportable` passed."""
+    check_exportable(model)
+    return cast(HFVisionEncoder, model.encoder), cast(MLPConnector, model.connector), model.llm
+
+
 def feature_select_strategy(encoder: HFVisionEncoder) -> Literal["default", "full"]:
     """Llava's "default" drops hidden-state index 0: only right when that is a CLS token."""
     return "default" if encoder.has_cls and encoder.select_feature == "patch" else "full"
@@ -118,9 +125,8 @@ def hf_config(model: VisionLanguageModel) -> Any:
     """The LlavaConfig of our composition."""
     from transformers import LlavaConfig
 
-    check_exportable(model)
-    encoder, llm = model.encoder, model.llm
-    linear_1 = model.connector.layers[0]
+    encoder, connector, llm = llava_parts(model)
+    linear_1 = connector.layers[0]
     text_config = copy.deepcopy(llm.config)
     text_config.vocab_size = int(llm.get_output_embeddings().weight.shape[0])
     return LlavaConfig(
@@ -162,12 +168,13 @@ def to_hf_model(model: VisionLanguageModel) -> Any:
     config = hf_config(model)
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(config)
+    encoder, connector, llm = llava_parts(model)
     pairs = [
-        (model.encoder.vision, hf.model, "vision_tower", "encoder"),
-        (model.connector.layers[0], hf.model.multi_modal_projector, "linear_1", "connector"),
-        (model.connector.layers[2], hf.model.multi_modal_projector, "linear_2", "connector"),
-        (_base_model(model.llm), hf.model, "language_model", "llm"),
-        (model.llm.get_output_embeddings(), hf, "lm_head", "llm"),
+        (encoder.vision, hf.model, "vision_tower", "encoder"),
+        (connector.layers[0], hf.model.multi_modal_projector, "linear_1", "connector"),
+        (connector.layers[2], hf.model.multi_modal_projector, "linear_2", "connector"),
+        (_base_model(llm), hf.model, "language_model", "llm"),
+        (llm.get_output_embeddings(), hf, "lm_head", "llm"),
     ]
     for ours, parent, attr, key in pairs:
         _same_structure(ours, getattr(parent, attr), key)
@@ -277,7 +284,7 @@ def build_processor(model: VisionLanguageModel, tokenizer: Any, template: Templa
     """LlavaProcessor: tokenizer + image processor + chat template, matching our pipeline."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 
-    encoder = model.encoder
+    encoder = llava_parts(model)[0]
     chat_template = chat_template_for(template, tokenizer) if template is not None else None
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
@@ -469,10 +476,11 @@ def _parts(hf: Any) -> list[tuple[str, nn.Module]]:
 
 
 def _our_part(model: VisionLanguageModel, name: str) -> nn.Module:
+    llm: Any = model.llm
     if name == "llm.base":
-        return _base_model(model.llm)
+        return _base_model(llm)
     if name == "llm.lm_head":
-        return model.llm.get_output_embeddings()
+        return llm.get_output_embeddings()
     return model.get_submodule(name)
 
 
@@ -484,7 +492,7 @@ def load_hf_weights(
     The hook for `stage.init_from=hf:<dir>`: build the composition (e.g. from
     `component_configs(dir)`, or presets with pretrained=false), then call this.
     """
-    check_exportable(model)
+    encoder = llava_parts(model)[0]
     hf = _load_hf(Path(path), dtype)
     if int(hf.config.image_token_id) != int(model.image_token_id):
         raise ConfigError(
@@ -493,14 +501,14 @@ def load_hf_weights(
             f"{model.image_token_id}.",
             f"use the directory's tokenizer: llm.tokenizer.name_or_path={path}.",
         )
-    if hf.config.vision_feature_layer != model.encoder.select_layer or (
-        hf.config.vision_feature_select_strategy != feature_select_strategy(model.encoder)
+    if hf.config.vision_feature_layer != encoder.select_layer or (
+        hf.config.vision_feature_select_strategy != feature_select_strategy(encoder)
     ):
         raise ConfigError(
             "encoder.select_layer",
             f"{path} reads layer {hf.config.vision_feature_layer} with strategy "
             f"{hf.config.vision_feature_select_strategy!r}; this encoder reads "
-            f"{model.encoder.select_layer} / {feature_select_strategy(model.encoder)!r}.",
+            f"{encoder.select_layer} / {feature_select_strategy(encoder)!r}.",
         )
     for name, theirs in _parts(hf):
         ours = _our_part(model, name)
@@ -521,8 +529,7 @@ def load_hf_llava(
     The composition is built as a meta-device shell from `component_configs`, then its parts
     are replaced by the modules transformers loaded, so weights exist once in memory.
     """
-    from hydra.utils import instantiate
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from vlmlab.models import build_vlm
 
     path = Path(path)
     cfgs = component_configs(path, template=template)
@@ -533,11 +540,15 @@ def load_hf_llava(
         raise ConfigError(
             "hf", f"{path}: the tokenizer's {IMAGE_TOKEN} is not image_token_id={image_token_id}."
         )
-    with torch.device("meta"):
-        encoder = instantiate(cfgs["encoder"], _convert_="all")
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfgs["llm"]["config"]))
-        connector = MLPConnector(encoder.hidden_size, llm.config.hidden_size, depth=2)
-    model = VisionLanguageModel(encoder, connector, llm, image_token_id)
+    model, _ = build_vlm(
+        cfgs["encoder"],
+        cfgs["connector"],
+        cfgs["llm"],
+        weights="none",
+        device="meta",
+        tokenizer=tokenizer,
+    )
+    llm: Any = model.llm
     for name, theirs in _parts(hf):
         ours = _our_part(model, name)
         _same_structure(ours, theirs, name)

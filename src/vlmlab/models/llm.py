@@ -2,6 +2,10 @@
 
 Presets either load pretrained weights (`pretrained: true`, needs the weights locally or network)
 or build a random-init model from the architecture numbers in `config` (the `tiny` preset).
+
+`build_llm` is the default LLM builder (`llm._target_`, see `vlmlab.models.build_vlm`): a new
+LLM family is one builder with the same signature plus one YAML naming it. `HFCausalLM` is the
+Backbone adapter of a transformers causal LM (its decoder layers, activation checkpointing).
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.contracts import LanguageModel, LLMBackbone
+from vlmlab.text import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # transformers attention kernels a preset may name; null keeps transformers' default (sdpa)
@@ -128,7 +134,7 @@ def build_tokenizer(tokenizer_cfg: dict[str, Any]) -> Any:
 
 
 def build_llm(
-    tokenizer: Any,
+    tokenizer: Any | None,
     name_or_path: str | None = None,
     pretrained: bool = False,
     config: dict[str, Any] | None = None,
@@ -143,7 +149,8 @@ def build_llm(
     double quantisation, bf16 compute) onto this process's GPU (`quantized_device_map`);
     stages.apply has already checked for a GPU. `attn_implementation` (null = transformers'
     default) picks the attention kernel; the built model's `config._attn_implementation` says
-    which one runs.
+    which one runs. `tokenizer=None` (a shape-only build, `vlmlab plan`) takes the vocabulary
+    from `config.vocab_size` and adds no row for `<image>`.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -180,18 +187,78 @@ def build_llm(
             )
         arch = dict(config)
         if arch.get("vocab_size") is None:
+            if tokenizer is None:
+                raise ConfigError(
+                    "llm.config.vocab_size",
+                    "is null (= len(tokenizer)) and no tokenizer was loaded.",
+                    "set llm.config.vocab_size=N.",
+                )
             arch["vocab_size"] = len(tokenizer)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            arch.setdefault(key, getattr(tokenizer, key))
+        if tokenizer is not None:
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                arch.setdefault(key, getattr(tokenizer, key))
         hf_config = AutoConfig.for_model(**arch)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model = AutoModelForCausalLM.from_config(hf_config, dtype=_DTYPES[dtype], **attn_kwargs)
     embeddings: Any = model.get_input_embeddings()
     vocab_rows = int(embeddings.weight.shape[0])
-    if len(tokenizer) > vocab_rows:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if tokenizer is not None and len(tokenizer) > vocab_rows:
+        # mean resizing computes statistics of the old rows: impossible on the meta device
+        model.resize_token_embeddings(
+            len(tokenizer), pad_to_multiple_of=64, mean_resizing=not embeddings.weight.is_meta
+        )
     return model
+
+
+def enable_hf_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing of each layer of a transformers model.
+
+    transformers hooks the input embeddings to make their output require grad: only reentrant
+    checkpointing needs that. Non-reentrant checkpointing recomputes correctly without it, and
+    the hook would turn frozen embeddings into extra leaves needing grads, so it is removed.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
+class HFCausalLM(LLMBackbone):
+    """The Backbone adapter of a transformers causal LM (or of peft wrapping one).
+
+    Blocks are the decoder's `layers` (LlamaDecoderLayer, Qwen2DecoderLayer, ...): FSDP's
+    shard units and what `stage.train_last.llm` counts. Every parameter gets gradients.
+    """
+
+    def __init__(self, model: LanguageModel) -> None:
+        self.model = model
+        self.hidden_size = int(self.base().get_input_embeddings().embedding_dim)
+
+    def base(self) -> Any:
+        """The transformers model (inside a peft wrapper, the one carrying the adapters)."""
+        model: Any = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def blocks(self) -> list[nn.Module]:
+        layers = getattr(self.base().get_decoder(), "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise ConfigError(
+                "llm",
+                f"{type(self.base()).__name__} has no decoder layers at get_decoder().layers.",
+                "give this LLM family its own Backbone adapter (vlmlab.models.contracts).",
+            )
+        return list(layers)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def enable_activation_checkpointing(self) -> None:
+        enable_hf_checkpointing(self.base())
 
 
 def _check_visible(index: int) -> None:

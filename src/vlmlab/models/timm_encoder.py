@@ -24,15 +24,17 @@ import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
-from vlmlab.models.encoder import (
-    _FAMILIES,
-    check_family,
-    check_select_feature,
-    hidden_state_index,
-    torch_dtype,
-)
+from vlmlab.models.contracts import VisionEncoder
 from vlmlab.models.image_transform import ImageTransform
 from vlmlab.models.llm import ATTN_IMPLEMENTATIONS, check_attn_implementation
+from vlmlab.models.vision import (
+    check_family,
+    check_select_feature,
+    hf_classes,
+    hidden_state_index,
+    num_feature_tokens,
+    torch_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ _ACT_EQUIV = {
 }
 
 
-class TimmVisionEncoder(nn.Module):
+class TimmVisionEncoder(nn.Module, VisionEncoder):
     """A timm ViT (CLIP or SigLIP tower) behind the VisionEncoder contract."""
 
     def __init__(
@@ -127,10 +129,14 @@ class TimmVisionEncoder(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Feature tokens per image handed to the connector."""
-        keep_cls = self.has_cls and self.select_feature == "cls_patch"
-        return self.num_patches + int(keep_cls)
+        return num_feature_tokens(self.num_patches, self.has_cls, self.select_feature)
 
-    def unused_parameter_names(self) -> list[str]:
+    def blocks(self) -> list[nn.Module]:
+        """The ViT's transformer blocks, in order."""
+        vit: Any = self.vision
+        return list(vit.blocks)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
         """Blocks after `select_layer`, the final norms and the pooling head: never run here."""
         vit: Any = self.vision
         unused = list(vit.blocks[self._index :])
@@ -138,8 +144,12 @@ class TimmVisionEncoder(nn.Module):
             module = getattr(vit, attr, None)
             if isinstance(module, nn.Module):
                 unused.append(module)
-        ids = {id(p) for module in unused for p in module.parameters()}
-        return [name for name, p in self.named_parameters() if id(p) in ids]
+        return [p for module in unused for p in module.parameters()]
+
+    def enable_activation_checkpointing(self) -> None:
+        """timm's flag, which `forward` reads: each block runs under non-reentrant checkpoint."""
+        vit: Any = self.vision
+        vit.set_grad_checkpointing(True)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, N, D) features of `select_layer`; later blocks never run."""
@@ -261,7 +271,7 @@ def _load_checkpoint(vit: nn.Module, family: str, path: str) -> None:
     if folder.is_dir() and (folder / "config.json").exists():
         import transformers
 
-        model_cls = getattr(transformers, _FAMILIES[family][1])
+        model_cls = getattr(transformers, hf_classes(family)[1])
         hf_state = model_cls.from_pretrained(str(folder)).state_dict()
         state = hf_to_timm_state_dict(family, hf_state)
     elif folder.is_file():

@@ -1,7 +1,8 @@
 """The VisionLanguageModel: embed -> encode -> project -> scatter -> decode.
 
-The tokenizer has already expanded each `<image>` into M copies of the image token (the
-transformers Llava convention), so scattering is a masked assignment with no index arithmetic.
+The tokenizer has already expanded each `<image>` into as many copies of the image token as the
+vision side reports for that image (`image_token_counter`, the transformers Llava convention), so
+scattering is an assignment of each image's embeddings, in order, to the image-token slots.
 
 Training (labels given) never builds the (B, T, V) logits: the decoder's hidden states of the
 target positions go through the output head and the fp32 cross-entropy in checkpointed chunks,
@@ -14,7 +15,9 @@ as before.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -22,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger(__name__)
+from vlmlab.models.contracts import Connector, LanguageModel, VisionEncoder
+from vlmlab.text.labels import target_positions
+from vlmlab.visual import FixedImageTokens, ImageSize, ImageTokenCounter, ImageTokens
 
-IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 # Causal LMs whose `forward` is exactly `lm_head(decoder(...).last_hidden_state)` (plus Gemma's
 # final logit soft-capping, applied here), checked against transformers 5.23. Any other LLM
@@ -56,14 +61,139 @@ class VLMOutput:
     num_target_tokens: int
 
 
-def target_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices b*T + p of the hidden positions whose next label is a target.
+ImageEmbeds = torch.Tensor | Sequence[torch.Tensor]  # (K, M, D), or K tensors (M_k, D)
 
-    The target id of index i is `labels.view(-1)[i + 1]` (p <= T - 2, so i + 1 stays in row b).
-    `nonzero` synchronises with the device: `collate` computes this on the CPU instead.
+
+def image_counts(image_embeds: ImageEmbeds) -> list[int]:
+    """Embeddings per image, read from shapes (no device sync)."""
+    if isinstance(image_embeds, torch.Tensor):
+        return [int(image_embeds.shape[1])] * int(image_embeds.shape[0])
+    return [int(e.shape[0]) for e in image_embeds]
+
+
+def _sample_name(row: int, sample_ids: Sequence[Any] | None) -> str:
+    if sample_ids is not None and row < len(sample_ids):
+        return f"sample {sample_ids[row]!r} (batch row {row})"
+    return f"batch row {row}"
+
+
+def _tokens_text(counts: Sequence[int]) -> str:
+    """`K images x M tokens`, or the per-image list when the counts differ."""
+    shown = str(counts[0]) if len(set(counts)) == 1 else str(list(counts))
+    return f"{len(counts)} images x {shown} tokens"
+
+
+def _row_of_image(slots: list[int], counts: Sequence[int], k: int) -> int:
+    """Batch row holding image k, given each image's count of slots."""
+    start = sum(counts[:k])
+    for row, end in enumerate(accumulate(slots)):
+        if start < end:
+            return row
+    return len(slots) - 1
+
+
+def _slot_runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(row, length) of every contiguous run of image-token slots in a (B, T) host mask, in
+    batch order: one run per image, as the text side expands each `<image>` in place (two
+    adjacent images would merge into one run)."""
+    edges = F.pad(mask.to(torch.int8), (1, 1)).diff(dim=1)  # +1 where a run starts, -1 after
+    starts, ends = (edges == 1).nonzero(), (edges == -1).nonzero()  # row-major order
+    return list(zip(starts[:, 0].tolist(), (ends[:, 1] - starts[:, 1]).tolist()))
+
+
+def _mismatch(
+    is_image: torch.Tensor,
+    counts: list[int],
+    declared: Sequence[int] | None,
+    sample_ids: Sequence[Any] | None,
+) -> str | None:
+    """Why the image-token slots and the image embeddings disagree, naming the first sample;
+    None when they agree. Reads the slot mask on the host (one device sync). Images belong to
+    rows in order (collate stacks the images of the samples that have them, in row order)."""
+    hint = (
+        "The text was tokenised for another vision side (encoder, connector or image size) than "
+        "the model's: build the TextEncoder with the model's image_token_counter()."
+    )
+    mask = is_image.cpu()
+    slots = [int(n) for n in mask.sum(1).tolist()]
+    if declared is not None and list(declared) != counts:
+        if len(declared) != len(counts):
+            return f"the text side expanded {len(declared)} images but {len(counts)} were encoded."
+        k = next(i for i, (a, b) in enumerate(zip(declared, counts)) if a != b)
+        row = _row_of_image(slots, declared, k)
+        return (
+            f"{_sample_name(row, sample_ids)}: its image (image {k} of the batch) has "
+            f"{declared[k]} image tokens in the text but {counts[k]} embeddings were encoded. "
+            f"{hint}"
+        )
+    runs = _slot_runs(mask)
+    if len(runs) != len(counts):  # adjacent images share a run: check each row's total
+        k = 0
+        for row, n in enumerate(slots):
+            got = 0
+            while got < n and k < len(counts):
+                got, k = got + counts[k], k + 1
+            if got != n:
+                return (
+                    f"{_sample_name(row, sample_ids)} holds {n} image tokens but its images "
+                    f"gave {got} embeddings. {hint}"
+                )
+        return (
+            f"input_ids hold {sum(slots)} image tokens but {_tokens_text(counts)} were encoded: "
+            f"{len(counts) - k} images have no <image> tokens in the text."
+            if k != len(counts)
+            else None
+        )
+    for k, ((row, length), count) in enumerate(zip(runs, counts)):
+        if length != count:
+            return (
+                f"{_sample_name(row, sample_ids)} holds {length} image tokens but "
+                f"{_tokens_text([count])} were encoded for it (image {k} of the batch). {hint}"
+            )
+    return None
+
+
+def scatter_image_embeds(
+    embeds: torch.Tensor,
+    is_image: torch.Tensor,
+    image_embeds: ImageEmbeds,
+    image_index: torch.Tensor | None = None,
+    image_tokens: Sequence[int] | None = None,
+    sample_ids: Sequence[Any] | None = None,
+) -> torch.Tensor:
+    """Put each image's embeddings into its own `<image>` slots, for any count per image.
+
+    embeds (B, T, D); is_image (B, T) marks the slots; image_embeds holds the batch's images in
+    row order: (K, M, D) when every image gives M, or K tensors (M_k, D) when counts differ.
+    Without `image_index` the slot mask is read on the host (one sync) and every image is
+    checked against its own run of slots. With `image_index` (flat b*T + p of the slots) and `image_tokens` (per-image
+    counts the text side expanded), both from `collate`, the check reads only shapes and host
+    lists: no device sync. A mismatch raises a ValueError naming the sample.
     """
-    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows * labels.shape[1] + cols
+    counts = image_counts(image_embeds)
+    if image_index is None:
+        problem = _mismatch(is_image, counts, image_tokens, sample_ids)
+    elif image_index.numel() != sum(counts) or (
+        image_tokens is not None and list(image_tokens) != counts
+    ):
+        problem = _mismatch(is_image, counts, image_tokens, sample_ids) or (  # error path only
+            f"image_index holds {image_index.numel()} slots but the images gave {sum(counts)} "
+            "embeddings."
+        )
+    else:
+        problem = None
+    if problem is not None:
+        raise ValueError(problem)
+    width = embeds.shape[-1]
+    if isinstance(image_embeds, torch.Tensor):
+        flat_images = image_embeds.reshape(-1, width)
+    else:
+        flat_images = torch.cat([e.reshape(-1, width) for e in image_embeds])
+    flat_images = flat_images.to(embeds.dtype)
+    if image_index is None:
+        return embeds.masked_scatter(is_image.unsqueeze(-1), flat_images)
+    flat = embeds.reshape(-1, width).index_copy(0, image_index, flat_images)
+    return flat.view_as(embeds)
 
 
 def _token_loss_sum(
@@ -121,15 +251,15 @@ def target_token_loss(
 class VisionLanguageModel(nn.Module):
     """Composition of a vision encoder, a connector and a causal LM."""
 
-    encoder: Any  # VisionEncoder (an nn.Module)
-    connector: Any  # Connector (an nn.Module)
-    llm: Any  # transformers PreTrainedModel (or a peft model wrapping one)
+    encoder: VisionEncoder  # an nn.Module implementing the contract
+    connector: Connector  # an nn.Module implementing the contract
+    llm: LanguageModel  # transformers PreTrainedModel (or a peft model wrapping one)
 
     def __init__(
         self,
-        encoder: Any,
-        connector: Any,
-        llm: nn.Module,
+        encoder: VisionEncoder,
+        connector: Connector,
+        llm: LanguageModel,
         image_token_id: int,
         loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
     ) -> None:
@@ -146,10 +276,29 @@ class VisionLanguageModel(nn.Module):
         # collectively and a rank that skips them hangs the others.
         self.sharded = False
 
+    def image_token_counter(self) -> ImageTokenCounter:
+        """How many embeddings each image gives: the vision side's answer, as a picklable value
+        the data side (tokenizer, shards, grouping), the planner and HF export all ask.
+
+        A fixed-size encoder gives N features per image and the connector maps them to M.
+        """
+        return FixedImageTokens(self.connector.num_tokens(self.encoder.num_tokens))
+
+    def image_tokens(self, image_size: ImageSize | None = None) -> ImageTokens:
+        """Tokens (and layout) of one image of this (width, height)."""
+        return self.image_token_counter()(image_size)
+
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens the LLM sees per image (M)."""
-        return self.connector.num_tokens(self.encoder.num_tokens)
+        """M, the tokens of every image, for a vision side whose count never varies (HF Llava's
+        `image_seq_length`); a ValueError for one whose count depends on the image."""
+        fixed = self.image_token_counter().fixed_count
+        if fixed is None:
+            raise ValueError(
+                "this model's image token count depends on the image: ask "
+                "image_tokens(image_size) per image."
+            )
+        return fixed
 
     @property
     def encoder_frozen(self) -> bool:
@@ -179,34 +328,29 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_index: torch.Tensor | None = None,
+        image_tokens: Sequence[int] | None = None,
+        ids: Sequence[Any] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the image-token positions replaced by projected image features.
+        """Token embeddings with each image's slots replaced by that image's embeddings.
 
-        `image_index` (flat b*T + p of the image tokens, from `collate`) avoids the two host
-        syncs of counting the image tokens and of masked_scatter's backward (masked_select).
+        `image_index` (flat b*T + p of the image tokens) and `image_tokens` (per-image counts
+        the text side expanded), both from `collate`, keep the check and the copy free of host
+        syncs; `ids` (the batch's sample ids) name the sample in a mismatch error.
         """
         is_image = input_ids == self.image_token_id  # (B, T)
         text_ids = input_ids.masked_fill(is_image, 0)
         embeds = self.llm.get_input_embeddings()(text_ids)  # (B, T, Dl)
-        num_slots = int(is_image.sum()) if image_index is None else image_index.numel()
         if pixel_values is None or pixel_values.shape[0] == 0:
+            num_slots = int(is_image.sum()) if image_index is None else image_index.numel()
             if num_slots:
                 raise ValueError(
                     f"input_ids hold {num_slots} image tokens but no pixel_values were given."
                 )
             return embeds + self._vision_anchor(embeds)
         image_embeds = self.encode_images(pixel_values)  # (K, M, Dl)
-        if num_slots != image_embeds.shape[0] * image_embeds.shape[1]:
-            raise ValueError(
-                f"input_ids hold {num_slots} image tokens but {image_embeds.shape[0]} images x "
-                f"{image_embeds.shape[1]} tokens were encoded: the tokenizer and the connector disagree on M."
-            )
-        image_embeds = image_embeds.to(embeds.dtype)
-        if image_index is None:
-            return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds)
-        flat = embeds.reshape(-1, embeds.shape[-1])
-        flat = flat.index_copy(0, image_index, image_embeds.reshape(-1, embeds.shape[-1]))
-        return flat.view_as(embeds)
+        return scatter_image_embeds(
+            embeds, is_image, image_embeds, image_index, image_tokens, sample_ids=ids
+        )
 
     def _vision_anchor(self, embeds: torch.Tensor) -> torch.Tensor | float:
         """0 x (one blank image through encoder and connector) on a text-only training batch.
@@ -234,7 +378,7 @@ class VisionLanguageModel(nn.Module):
         Looks through a peft LoRA wrapper (its adapters live inside the decoder and head
         modules). None means: compute the full logits through `self.llm` instead.
         """
-        llm = self.llm
+        llm: Any = self.llm  # a peft wrapper or the transformers model
         peft_config = getattr(llm, "active_peft_config", None)
         if peft_config is not None:
             if getattr(peft_config, "is_prompt_learning", False):
@@ -267,14 +411,17 @@ class VisionLanguageModel(nn.Module):
         target_index: torch.Tensor | None = None,
         num_target_tokens: int | None = None,
         image_index: torch.Tensor | None = None,
+        image_tokens: Sequence[int] | None = None,
+        ids: Sequence[Any] | None = None,
         **_: Any,
     ) -> VLMOutput:
         """Logits without labels; with labels, the mean next-token CE over the target tokens.
 
-        `target_index`, `num_target_tokens` and `image_index` come with batches from `collate`
-        (computed on the CPU): given, the training forward needs no host sync of its own.
+        `target_index`, `num_target_tokens`, `image_index` and `image_tokens` come with batches
+        from `collate` (computed on the CPU): given, the training forward needs no host sync of
+        its own. `ids` name the sample when its image tokens and embeddings disagree.
         """
-        embeds = self.embed(input_ids, pixel_values, image_index)
+        embeds = self.embed(input_ids, pixel_values, image_index, image_tokens, ids)
         if labels is None:
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
             return VLMOutput(loss=None, logits=out.logits, num_target_tokens=0)

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.backbone import backbone_of, block_names
+from vlmlab.models.lora import lora_config, wrap_lora
 
 log = logging.getLogger(__name__)
 
@@ -80,80 +82,18 @@ def _unknown_keys(given: dict[str, Any], allowed: set[str], prefix: str) -> list
     return problems
 
 
-def blocks_of(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The repeated transformer blocks of a component: its ModuleList holding most parameters."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, child in module.named_modules():
-        if isinstance(child, nn.ModuleList) and len(child) > 0:
-            size = sum(p.numel() for p in child.parameters())
-            if best is None or size > best[0]:
-                best = (size, name, child)
-    return (best[1], best[2]) if best else None
-
-
-def default_lora_targets(module: nn.Module) -> list[str]:
-    """Every linear layer of the component except the output head (the LLaVA LoRA recipe)."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, child in module.named_modules()
-        if isinstance(child, nn.Linear) and not name.endswith("lm_head")
-    }
-    return sorted(names)
-
-
-def lora_config(spec: dict[str, Any], component: nn.Module) -> dict[str, Any]:
-    """Resolved LoRA settings (peft LoraConfig fields), as recorded in checkpoints."""
-    targets = spec.get("target_modules") or default_lora_targets(component)
-    return {
-        "target": spec.get("target", "llm"),
-        "r": int(spec.get("r", 8)),
-        "alpha": int(spec.get("alpha", 16)),
-        "dropout": float(spec.get("dropout", 0.0)),
-        "target_modules": list(targets),
-        "exclude_modules": list(spec.get("exclude_modules") or ["lm_head"]),
-        "bias": spec.get("bias", "none"),
-        "use_rslora": bool(spec.get("use_rslora", False)),
-        "use_dora": bool(spec.get("use_dora", False)),
-    }
-
-
-def wrap_lora(model: nn.Module, resolved: dict[str, Any]) -> None:
-    """Replace `model.<target>` by a peft model carrying LoRA adapters."""
-    from peft import LoraConfig, get_peft_model
-
-    component = getattr(model, resolved["target"])
-    config = LoraConfig(
-        r=resolved["r"],
-        lora_alpha=resolved["alpha"],
-        lora_dropout=resolved["dropout"],
-        target_modules=resolved["target_modules"],
-        exclude_modules=resolved["exclude_modules"],
-        bias=resolved["bias"],
-        use_rslora=resolved["use_rslora"],
-        use_dora=resolved["use_dora"],
-    )
-    setattr(model, resolved["target"], get_peft_model(component, config))
-
-
-def merge_lora(model: nn.Module, target: str) -> None:
-    """Fold LoRA adapters into the base weights and unwrap the component."""
-    component = getattr(model, target)
-    if hasattr(component, "merge_and_unload"):
-        setattr(model, target, component.merge_and_unload())
-
-
 def unused_parameters(model: nn.Module) -> set[str]:
     """Parameters the forward never touches (e.g. encoder layers after `select_layer`).
 
     They can't get gradients, so training them would be a silent no-op (and DDP would fail).
+    Each Backbone declares them (`unused_parameters`); names are found by identity.
     """
-    unused: set[str] = set()
-    for component in COMPONENTS:
+    ids: set[int] = set()
+    for component in ("encoder", "llm"):
         module = getattr(model, component, None)
-        names = getattr(module, "unused_parameter_names", None)
-        if callable(names):
-            unused |= {f"{component}.{n}" for n in names()}
-    return unused
+        if module is not None:
+            ids |= {id(p) for p in backbone_of(module, component).unused_parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
 
 
 def _quantize_problems(spec: dict[str, Any], machine: bool = True) -> list[str]:
@@ -293,25 +233,27 @@ def apply(policy: Any, model: nn.Module, machine_checks: bool = True) -> StagePl
                 )
     last_globs = []
     for component, count in _as_dict(stage.get("train_last")).items():
-        module = getattr(model, component, None) if component in COMPONENTS else None
-        found = blocks_of(module) if module is not None else None
-        if found is None:
+        module = getattr(model, component, None) if component in ("encoder", "llm") else None
+        if module is None:
             problems.append(
-                f"stage.train_last.{component}: no component with repeated blocks by that name."
+                f"stage.train_last.{component}: no component with repeated blocks by that name "
+                "(use encoder or llm)."
             )
             continue
-        path, blocks = found
         unused = unused_parameters(model)
         used = [
-            i for i, block in enumerate(blocks)
-            if not all(f"{component}.{path}.{i}.{n}" in unused for n, _ in block.named_parameters())
+            name for name in block_names(module, component)
+            if not all(
+                f"{component}.{name}.{n}" in unused
+                for n, _ in module.get_submodule(name).named_parameters()
+            )
         ]  # fmt: skip
         if not 0 < int(count) <= len(used):
             problems.append(
                 f"stage.train_last.{component}: {count} is not in 1..{len(used)} (blocks that feed the output)."
             )
             continue
-        last_globs += [f"{component}.{path}.{i}" for i in used[-int(count) :]]
+        last_globs += [f"{component}.{name}" for name in used[-int(count) :]]
     if problems:
         raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
 
@@ -425,31 +367,7 @@ def _enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     """Non-reentrant activation checkpointing on each block of the components that need it."""
     enabled = []
     for component in checkpointed_components(model):
-        module = getattr(model, component)
-        if hasattr(module, "get_base_model"):  # peft-wrapped (LoRA): the model with adapters
-            module = module.get_base_model()
-        inner = getattr(module, "vision", module) if component == "encoder" else module
-        if hasattr(inner, "set_grad_checkpointing"):  # timm (TimmVisionEncoder reads the flag)
-            inner.set_grad_checkpointing(True)
-        elif hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5
-            inner.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
-        elif hasattr(inner, "gradient_checkpointing_enable"):
-            inner.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        else:
-            raise ConfigError(
-                "stage.gradient_checkpointing",
-                f"the {component} ({type(inner).__name__}) has no activation checkpointing.",
-                "set stage.gradient_checkpointing=false.",
-            )
-        # transformers hooks the input embeddings to make their output require grad: only
-        # reentrant checkpointing needs that. Non-reentrant checkpointing recomputes correctly
-        # without it, and the hook would turn frozen embeddings into extra leaves needing grads.
-        if hasattr(inner, "disable_input_require_grads"):
-            inner.disable_input_require_grads()
+        backbone_of(getattr(model, component), component).enable_activation_checkpointing()
         enabled.append(component)
     if enabled:
         log.info("activation checkpointing on: %s", ", ".join(enabled))

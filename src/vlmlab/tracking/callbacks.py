@@ -1,4 +1,6 @@
-"""Lightning callbacks that feed the tracking layer: grad norm, sample generations, rank check."""
+"""Lightning callbacks that feed the tracking layer: grad norm, rank check, and the logging of
+what evaluation callbacks returned (benchmark metrics, sample answers). Nothing here imports
+`vlmlab.eval`: results are read by attribute."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,71 +84,41 @@ def _is_deepspeed(trainer: L.Trainer) -> bool:
     return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
-class SampleGenerations(L.Callback):
-    """At the end of fit, answer a few held-out questions and log them with their images.
+class LogSamples(L.Callback):
+    """Log the answers a sample callback returned (`rows`, e.g. eval.callback.SampleAnswers)
+    with their images under `samples/` of the MLflow run: `samples.md`, PNGs, `samples.json`.
+    Placed after that callback, so its `on_train_end` ran first."""
 
-    Why: a number like accuracy says little about *what* the model says; four answers next to
-    their pictures do. Logged under `samples/` (`samples.md` + PNGs) of the MLflow run.
-    """
-
-    def __init__(
-        self,
-        text_encoder: Any,
-        image_transform: Callable,
-        heldout_file: Path,
-        image_root: Path,
-        num_samples: int = 4,
-        max_new_tokens: int = 16,
-    ) -> None:
-        self.text_encoder = text_encoder
-        self.image_transform = image_transform
-        self.heldout_file = Path(heldout_file)
-        self.image_root = Path(image_root)
-        self.num_samples = num_samples
-        self.max_new_tokens = max_new_tokens
-        self.rows: list[dict[str, Any]] = []
+    def __init__(self, answers: Any) -> None:
+        self.answers = answers  # has `rows`, `step` and `image_root` after fit
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.num_samples < 1:
+        rows: list[dict[str, Any]] = getattr(self.answers, "rows", [])
+        runs = mlflow_runs(trainer)
+        if not trainer.is_global_zero or not rows or not runs:
             return
         from PIL import Image
 
-        from vlmlab.eval.heldout import evaluate_heldout
-
-        records = json.loads(self.heldout_file.read_text())[: self.num_samples]
-        result = evaluate_heldout(
-            pl_module.model,  # type: ignore[arg-type]
-            self.text_encoder,
-            self.image_transform,
-            self.heldout_file,
-            self.image_root,
-            max_samples=self.num_samples,
-            batch_size=self.num_samples,
-            max_new_tokens=self.max_new_tokens,
-        )
-        self.rows = [
-            {"question": r["question"], "image": r["image"], **p}
-            for r, p in zip(records, result["predictions"])
-        ]
+        image_root = Path(self.answers.image_root)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             lines = [
-                f"# Sample generations (step {trainer.global_step})",
+                f"# Sample generations (step {self.answers.step})",
                 "",
                 "| # | image | prompt | model answer | reference |",
                 "|---|---|---|---|---|",
             ]
-            for i, row in enumerate(self.rows):
+            for i, row in enumerate(rows):
                 png = f"sample_{i}.png"
-                with Image.open(self.image_root / row["image"]) as image:
+                with Image.open(image_root / row["image"]) as image:
                     image.convert("RGB").save(out / png)
                 lines.append(
                     f"| {i} | ![{row['image']}]({png}) | {_cell(row['question'])} "
                     f"| {_cell(row['prediction'])} | {_cell(row['answer'])} |"
                 )
             (out / "samples.md").write_text("\n".join(lines) + "\n")
-            (out / "samples.json").write_text(json.dumps(self.rows, indent=1))
-            for client, run_id in mlflow_runs(trainer):
+            (out / "samples.json").write_text(json.dumps(rows, indent=1))
+            for client, run_id in runs:
                 client.log_artifacts(run_id, str(out), "samples")
 
 
@@ -164,6 +135,24 @@ def mlflow_runs(trainer: L.Trainer) -> list[tuple[Any, str]]:
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ") or "(empty)"
+
+
+class LogEvalResults(L.Callback):
+    """Log what an evaluation callback returned: its metrics, and its prediction files under
+    `eval/` of the MLflow run. Placed after that callback, so its `on_train_end` ran first."""
+
+    def __init__(self, evaluation: Any) -> None:
+        self.evaluation = evaluation  # has `results` (eval.callback.EvalResults) after fit
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = getattr(self.evaluation, "results", None)
+        if not trainer.is_global_zero or results is None:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(results.metrics, step=results.step)
+        if Path(results.out_dir).is_dir():
+            for client, run_id in mlflow_runs(trainer):
+                client.log_artifacts(run_id, str(results.out_dir), "eval")
 
 
 class RankAgreement(L.Callback):

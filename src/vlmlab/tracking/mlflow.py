@@ -7,7 +7,6 @@ flattened into params and the composed YAML is logged as an artifact.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -92,16 +91,6 @@ def git_commit(path: Path | None = None) -> dict[str, str]:
         }
     except (OSError, subprocess.SubprocessError):
         return unknown
-
-
-def manifest_checksum(shard_dir: Path) -> str:
-    """sha256 of the shard set's manifest.json (it lists every shard's sha256): the data identity."""
-    from vlmlab.data.shards import MANIFEST
-
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        return "unknown"
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # Groups that say where/how a run executes, not what it computes: left out of run names.

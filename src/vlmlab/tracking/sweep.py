@@ -1,4 +1,4 @@
-"""Sweeps: one MLflow parent run per Hydra multirun, and DDP ranks that run only their job.
+"""Sweep tracking: one MLflow parent run per Hydra multirun, and the keys the sweep varies.
 
 Parent/child: `MlflowSweepCallback.on_multirun_start` (main process, before any job) creates
 the parent run, records the sweep command and overrides, writes `mlflow_parent.json` into the
@@ -8,11 +8,7 @@ Each job's run gets the `mlflow.parentRunId` tag (see `parent_run_id`). `on_mult
 counts the children and ends the parent; if a job fails Hydra raises before
 `on_multirun_end`, so an exit hook ends the parent FAILED instead of leaving it RUNNING.
 
-DDP in a sweep: Lightning starts ranks > 0 by re-running `sys.argv` (plus `hydra.run.dir=...`,
-see lightning/fabric/strategies/launchers/subprocess_script.py `_hydra_subprocess_cmd`).
-Under `-m` that is the whole sweep again. The job exports its own overrides
-(`export_job_for_ranks`) and the entry point of a rank > 0 swaps the sweep for them
-(`argv_for_rank`), so each rank runs exactly its job, once.
+DDP ranks of a sweep job (each rank runs only its job) are launch code: `vlmlab.distributed`.
 """
 
 from __future__ import annotations
@@ -23,8 +19,6 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +29,8 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "VLMLAB_MLFLOW_PARENT_RUN_ID"
 KEYS_ENV = "VLMLAB_SWEEP_KEYS"
-JOB_ENV = "VLMLAB_SWEEP_JOB"
 PARENT_FILE = "mlflow_parent.json"
 SWEEP_TAG = "vlmlab.sweep"
-_LIGHTNING_RANK_ARGS = ("hydra.run.dir=", "hydra.job.name=", "hydra.output_subdir=")
 
 
 def parent_run_id() -> str | None:
@@ -64,63 +56,6 @@ def sweep_keys(overrides: list[str]) -> list[str]:
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
-def export_job_for_ranks() -> None:
-    """In a multirun job: tell Lightning-launched ranks > 0 which job they belong to."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    hydra_cfg = HydraConfig.get()
-    os.environ[JOB_ENV] = json.dumps(
-        {"overrides": list(hydra_cfg.overrides.task), "output_dir": hydra_cfg.runtime.output_dir}
-    )
-
-
-def argv_for_rank(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
-    """Command-line overrides for this process: a rank > 0 of a sweep job gets only its job.
-
-    Lightning re-launches ranks with `[*sys.argv[1:], hydra.run.dir=..., hydra.job.name=...,
-    hydra.output_subdir=null]` and `LOCAL_RANK` set; the job's overrides come from `JOB_ENV`.
-    """
-    env = os.environ if environ is None else environ
-    if env.get("LOCAL_RANK", "0") in ("", "0") or not env.get(JOB_ENV):
-        return argv
-    if not any(a in ("-m", "--multirun") for a in argv):
-        return argv
-    job = json.loads(env[JOB_ENV])
-    kept = [a for a in argv if a.startswith(_LIGHTNING_RANK_ARGS) and "hydra.run.dir=" not in a]
-    return [*job["overrides"], f"hydra.run.dir={job['output_dir']}", *kept]
-
-
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-@contextmanager
-def isolated_job() -> Iterator[None]:
-    """Run one sweep job so that the next job in this process can start DDP afresh.
-
-    Lightning's launcher exports MASTER_PORT, LOCAL_RANK, WORLD_SIZE... into this process and
-    leaves the process group up; the next job would then think its ranks were started
-    externally, start none, and talk to the previous job's dead rank 1. Undo both, but only
-    when this process launched the ranks (torchrun/SLURM set LOCAL_RANK before we start).
-    """
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    try:
-        yield
-    finally:
-        if saved["LOCAL_RANK"] is None:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-
-
 class MlflowSweepCallback(Callback):
     """Hydra callback: one MLflow parent run for a multirun, children tagged with its id."""
 
@@ -129,7 +64,7 @@ class MlflowSweepCallback(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.logger.get("kind") != "mlflow":
+        if config.logger.get("kind") != "mlflow":  # the one logger whose runs nest in a parent
             return
         from mlflow import MlflowClient
 

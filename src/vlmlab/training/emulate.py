@@ -63,3 +63,8 @@ class EmulatedRanks(VLMDataModule):
         super().set_epoch(epoch)
         for shadow in self._shadows:
             VLMDataModule.set_epoch(shadow, epoch)
+
+
+def emulate_ranks(datamodule: VLMDataModule, ranks: int) -> VLMDataModule:
+    """`datamodule` as the one-process reference of a `ranks`-rank run (itself for <= 1 rank)."""
+    return EmulatedRanks(datamodule, ranks) if ranks > 1 else datamodule

@@ -22,12 +22,13 @@ import lightning as L
 import torch
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
 # Batch keys from `collate` that the VLM forward takes when present: counted / indexed on the
 # CPU there, so the forward needs no host sync of its own.
-_COLLATED_EXTRAS = ("target_index", "num_target_tokens", "image_index")
+_COLLATED_EXTRAS = ("target_index", "num_target_tokens", "image_index", "image_tokens", "ids")
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
@@ -47,7 +48,7 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[i
 class VLMModule(L.LightningModule):
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: VisionLanguageModel,
         optim: dict[str, Any],
         total_steps: int,
         groups: list[dict[str, Any]] | None = None,
@@ -62,7 +63,7 @@ class VLMModule(L.LightningModule):
         AdamW by default (DeepSpeed's CPU Adam for ZeRO-Offload), called with the same arguments."""
         super().__init__()
         self.model = model
-        self.model.sharded = sharded  # type: ignore[assignment]  # a plain attribute
+        self.model.sharded = sharded
         self.parallelize = parallelize  # trainer=fsdp: shards the model in configure_model
         self.global_token_loss = global_token_loss
         self.optimizer_cls = optimizer_cls or torch.optim.AdamW

@@ -299,21 +299,14 @@ def fsdp_parallelizer(cfg: DictConfig) -> Callable[[torch.nn.Module, Any], None]
 
 def fsdp_units(root: torch.nn.Module, wrap: list[str]) -> list[torch.nn.Module]:
     """The modules sharded on their own (each LLM decoder layer, each encoder block)."""
-    from vlmlab.stages.policy import blocks_of
+    from vlmlab.models.backbone import backbone_of
 
     model = getattr(root, "model", root)
     units: list[torch.nn.Module] = []
     for component in ("encoder", "llm"):
         if component not in wrap:
             continue
-        found = blocks_of(getattr(model, component))
-        if found is None:
-            raise ConfigError(
-                "trainer.fsdp.wrap",
-                f"the {component} has no repeated blocks (nn.ModuleList) to shard.",
-                f"remove {component} from trainer.fsdp.wrap.",
-            )
-        units.extend(found[1])
+        units.extend(backbone_of(getattr(model, component), component).blocks())
     return units
 
 

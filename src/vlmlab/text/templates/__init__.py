@@ -1,0 +1,31 @@
+"""Chat templates: one `Template` per file of this package, chosen by `llm.template`.
+
+Built in: plain, vicuna_v1, llama3, chatml, mistral, phi3. A module named in
+`$VLMLAB_TEMPLATES` adds more (see `base`); `available_templates()` lists them all.
+"""
+
+from __future__ import annotations
+
+from vlmlab.text.templates.base import (
+    ENV_MODULES,
+    Segment,
+    Template,
+    Turn,
+    available_templates,
+    check_prompt_turns,
+    discover,
+    get_template,
+    register,
+)
+
+__all__ = [
+    "ENV_MODULES",
+    "Segment",
+    "Template",
+    "Turn",
+    "available_templates",
+    "check_prompt_turns",
+    "discover",
+    "get_template",
+    "register",
+]

@@ -1,0 +1,28 @@
+"""LLaVA stage 1 (`plain`): the image followed by its caption; no system prompt, no roles."""
+
+from __future__ import annotations
+
+from vlmlab.text import IMAGE_PLACEHOLDER
+from vlmlab.text.templates.base import Segment, Template, Turn, check_prompt_turns, register
+
+
+@register
+class PlainTemplate(Template):
+    name = "plain"
+    sep = "\n"
+    image_pieces = True
+
+    def render(self, turns: list[Turn]) -> list[Segment]:
+        if len(turns) != 2 or turns[0].role != "human" or turns[1].role != "gpt":
+            raise ValueError("plain template needs exactly one human turn and one gpt turn")
+        # LLaVA's preprocess_plain keeps only the image of the human turn; the caption is the target.
+        prefix = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in turns[0].text else ""
+        return [(prefix, False), (turns[1].text + self.sep, True)]
+
+    def prompt(self, turns: list[Turn]) -> str:
+        check_prompt_turns(turns)
+        return IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in turns[0].text else ""
+
+    @property
+    def stop(self) -> str:
+        return self.sep

@@ -1,0 +1,180 @@
+"""The run's logger, chosen by `logger.kind` from a registry, and what a run logs at its start
+and end (config, parameters, lineage tags, the checkpoint it wrote, evaluation results).
+
+`conf/logger/<name>.yaml` sets `kind`: a registered name (`mlflow`, `none`) or the dotted path
+of a factory `(LoggerConfig, RunIdentity) -> Lightning logger | None`, so a new logger is one
+function plus one YAML. Only `vlmlab.tracking` calls MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlmlab.checkpoints.meta import CheckpointMeta, read_meta
+from vlmlab.errors import ConfigError
+from vlmlab.schema import LoggerConfig
+from vlmlab.tracking.mlflow import flatten, git_commit, run_link, run_name, tracking_uri
+from vlmlab.tracking.sweep import parent_run_id, swept_keys
+
+log = logging.getLogger(__name__)
+
+# Hydra groups that become plain tags next to `choice.<group>` (MLflow UI columns).
+_TAGGED_GROUPS = ("encoder", "connector", "llm", "stage", "data", "experiment")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What names and tags a run: its stage, Hydra choices and overrides, where it writes."""
+
+    stage: str
+    root: Path  # paths.root: the default MLflow store and artifact folder live here
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    resume_run_id: str | None = None  # a resumed run continues its MLflow run
+    tags: dict[str, str] = field(default_factory=dict)  # more tags (data checksum ...)
+
+
+@dataclass(frozen=True)
+class LoggerKind:
+    """A registered logger: its factory and whether it writes to the MLflow store."""
+
+    create: Callable[[LoggerConfig, RunIdentity], Any]
+    mlflow: bool = False
+
+
+def _mlflow_logger(settings: LoggerConfig, run: RunIdentity) -> Any:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    tags = {f"choice.{k}": v for k, v in run.choices.items()}
+    tags.update({k: v for k, v in run.choices.items() if k in _TAGGED_GROUPS})
+    tags["stage"] = run.stage
+    tags.update(git_commit())
+    tags.update(run.tags)
+    parent = parent_run_id()
+    if parent and run.resume_run_id is None:  # a sweep job: child of the sweep's parent run
+        tags["mlflow.parentRunId"] = parent
+    name = settings.run_name or run_name(
+        str(run.choices.get("stage", run.stage)), run.choices, run.overrides, swept_keys()
+    )
+    return MLFlowLogger(
+        experiment_name=settings.experiment_name,
+        run_name=name,
+        tracking_uri=tracking_uri(settings.tracking_uri, run.root),
+        tags=tags,
+        artifact_location=str((run.root / "mlartifacts").resolve().as_uri()),
+        run_id=run.resume_run_id,
+    )
+
+
+def _no_logger(settings: LoggerConfig, run: RunIdentity) -> None:
+    return None
+
+
+LOGGERS: dict[str, LoggerKind] = {
+    "mlflow": LoggerKind(_mlflow_logger, mlflow=True),
+    "none": LoggerKind(_no_logger),
+}
+
+
+def register_logger(kind: str, create: Callable[..., Any], mlflow: bool = False) -> None:
+    """Add a logger kind (`logger.kind: <kind>`)."""
+    LOGGERS[kind] = LoggerKind(create, mlflow)
+
+
+def logger_kind(settings: LoggerConfig) -> LoggerKind:
+    """The registry entry `logger.kind` names (a dotted path imports a factory)."""
+    kind = settings.kind
+    if kind in LOGGERS:
+        return LOGGERS[kind]
+    if "." in kind:
+        from hydra.utils import get_object
+
+        try:
+            return LoggerKind(get_object(kind))
+        except Exception as err:  # any import failure is a config problem here
+            raise ConfigError("logger.kind", f"cannot import {kind!r} ({err}).") from err
+    raise ConfigError(
+        "logger.kind",
+        f"got {kind!r}.",
+        f"use one of {sorted(LOGGERS)} or the dotted path of a logger factory.",
+    )
+
+
+def logger_settings(node: DictConfig) -> LoggerConfig:
+    """The validated `logger` group as its typed settings."""
+    data = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(data, dict)
+    return LoggerConfig(**{str(k): v for k, v in data.items()})
+
+
+def store_uri(settings: LoggerConfig, root: Path) -> str | None:
+    """The MLflow store this run writes to, or None when the logger does not use MLflow."""
+    return tracking_uri(settings.tracking_uri, root) if logger_kind(settings).mlflow else None
+
+
+def build_logger(settings: LoggerConfig, run: RunIdentity) -> Any:
+    """The Lightning logger of this run, or None (`logger=none`)."""
+    return logger_kind(settings).create(settings, run)
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What a run records before it trains (rank zero, fresh runs only)."""
+
+    config: DictConfig  # the composed config without `hydra`
+    overrides: list[str]
+    stage: str
+    table: str  # trainable-parameter table
+    trainable: dict[str, int]  # component -> trainable parameters
+    lrs: dict[str, float]  # optimizer group -> learning rate
+    world_size: int
+    accumulation: int
+    init: Path | None = None  # the checkpoint the stage starts from
+
+
+def log_run_start(logger: Any, start: RunStart) -> None:
+    """Config params for any logger; overrides, parameter table and lineage for MLflow."""
+    logger.log_hyperparams(flatten(start.config))
+    run_id = getattr(logger, "run_id", None)
+    client: Any = getattr(logger, "experiment", None) if run_id else None
+    if client is None or not hasattr(client, "log_text"):
+        return
+    client.log_text(run_id, OmegaConf.to_yaml(start.config, resolve=True), "config.yaml")
+    client.log_text(run_id, "\n".join(start.overrides) + "\n", "overrides.txt")
+    client.log_text(run_id, start.table + "\n", "trainable_parameters.txt")
+    for component, count in start.trainable.items():
+        client.log_param(run_id, f"params.{component}.trainable", count)
+    client.log_param(run_id, "trainer.world_size", start.world_size)
+    client.log_param(run_id, "trainer.accumulate_grad_batches", start.accumulation)
+    for group, lr in start.lrs.items():
+        client.log_param(run_id, f"optim.group.{group}.lr", lr)
+    if start.init is None:
+        return
+    client.set_tag(run_id, "init_from", str(start.init))
+    parent_run = read_meta(start.init).mlflow_run_id
+    if parent_run:  # lineage: `stage.init_from=<this tag's value>` reproduces the start
+        client.set_tag(run_id, "vlmlab.parent_stage_run", parent_run)
+        client.set_tag(run_id, "parent_stage_run", parent_run)  # older name, kept for readers
+        client.set_tag(
+            run_id,
+            "mlflow.note.content",
+            f"Stage {start.stage} started from run {run_link(client, parent_run)} "
+            f"(checkpoint `{start.init}`).",
+        )
+
+
+def log_checkpoint(logger: Any, path: Path, meta: CheckpointMeta) -> None:
+    """Tag the run with the checkpoint it wrote (what `runs:/<id>` resolves to) and its meta."""
+    run_id = getattr(logger, "run_id", None)
+    client: Any = getattr(logger, "experiment", None) if run_id else None
+    if client is None or not hasattr(client, "set_tag"):
+        return
+    client.set_tag(run_id, "checkpoint", str(path))
+    client.log_text(run_id, json.dumps(meta.to_dict(), indent=1), "checkpoint_meta.json")
