@@ -48,3 +48,31 @@ def mistral_sentencepiece_tokenizer(folder: Path) -> Any:
     assert len(tokenizer) >= 32000, "an empty tokenizer was built"
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def searchpath_override(*config_dirs: Path) -> str:
+    """`hydra.searchpath=[...]`: extra config dirs whose group options join conf/'s."""
+    return "hydra.searchpath=[" + ",".join(f"file://{Path(d).resolve()}" for d in config_dirs) + "]"
+
+
+def group_options(group: str, *config_dirs: Path) -> list[str]:
+    """A config group's options as Hydra lists them (conf/ plus the extra config dirs): tests
+    enumerate the registry, never a hand-kept list."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    from vlmlab.config import conf_dir
+
+    overrides = [searchpath_override(*config_dirs)] if config_dirs else []
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            return sorted(
+                loader.get_group_options(
+                    group, ObjectType.CONFIG, config_name="train", overrides=overrides
+                )
+            )
+    finally:
+        GlobalHydra.instance().clear()

@@ -28,6 +28,7 @@ PACKAGE = SRC / "vlmlab"
 # Units of one layer are peers; (b) still forbids cycles between them.
 LAYERS: list[tuple[str, ...]] = [
     ("vlmlab", "errors", "logs"),  # leaves: no vlmlab imports
+    ("registry",),  # named classes found by import (scorers, templates)
     ("schema",),  # typed config, validated at the entry
     ("config",),  # compose + validate
     ("text", "visual"),  # tokens, labels, chat templates; image-token counts: below models and data

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
+from tests.helpers import group_options, searchpath_override
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.models import build_vlm
@@ -31,31 +32,9 @@ from vlmlab.text.templates import get_template
 REPO = Path(__file__).resolve().parents[1]
 
 
-def searchpath_override(*config_dirs: Path) -> str:
-    """`hydra.searchpath=[file://...]`: extra config dirs whose groups extend conf/'s."""
-    return "hydra.searchpath=[" + ",".join(f"file://{Path(d).resolve()}" for d in config_dirs) + "]"
-
-
 def connector_options(*config_dirs: Path) -> list[str]:
     """The `connector` group's options as Hydra lists them (conf/ plus the extra config dirs)."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
-
-    from vlmlab.config import conf_dir
-
-    overrides = [searchpath_override(*config_dirs)] if config_dirs else []
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            loader = GlobalHydra.instance().config_loader()
-            return sorted(
-                loader.get_group_options(
-                    "connector", ObjectType.CONFIG, config_name="train", overrides=overrides
-                )
-            )
-    finally:
-        GlobalHydra.instance().clear()
+    return group_options("connector", *config_dirs)
 
 
 class SearchPathCompose:

@@ -138,13 +138,13 @@ def extension(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     (root / "conf" / "connector").mkdir(parents=True)
     (root / "conf" / "llm").mkdir(parents=True)
     monkeypatch.syspath_prepend(str(root))
-    saved = dict(scorer_base._REGISTRY)
-    saved_templates = dict(template_base._REGISTRY)
+    saved = dict(scorer_base.SCORERS._classes)
+    saved_templates = dict(template_base.TEMPLATES._classes)
     yield root
-    scorer_base._REGISTRY.clear()
-    scorer_base._REGISTRY.update(saved)
-    template_base._REGISTRY.clear()
-    template_base._REGISTRY.update(saved_templates)
+    scorer_base.SCORERS._classes.clear()
+    scorer_base.SCORERS._classes.update(saved)
+    template_base.TEMPLATES._classes.clear()
+    template_base.TEMPLATES._classes.update(saved_templates)
     for name in [m for m in sys.modules if m == PACKAGE or m.startswith(PACKAGE + ".")]:
         del sys.modules[name]
 

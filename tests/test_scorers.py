@@ -75,7 +75,7 @@ def test_an_unknown_type_is_rejected_listing_every_registered_type(tmp_path: Pat
 def test_a_type_taken_by_another_class_is_refused() -> None:
     from vlmlab.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="two scorers for type 'exact'"):
+    with pytest.raises(ConfigError, match="two scorers named 'exact'"):
 
         class Again(scorers.Scorer):
             name = "exact"

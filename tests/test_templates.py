@@ -25,8 +25,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import label_runs, mistral_sentencepiece_tokenizer, squash
-from tests.test_connectors import searchpath_override
+from tests.helpers import (
+    group_options,
+    label_runs,
+    mistral_sentencepiece_tokenizer,
+    squash,
+)
 from vlmlab.config import conf_dir
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
@@ -614,22 +618,7 @@ def test_unknown_template_names_the_key_and_every_registered_name() -> None:
 
 def llm_options(*config_dirs: Path) -> list[str]:
     """The `llm` group's options as Hydra lists them (conf/ plus the extra config dirs)."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
-
-    overrides = [searchpath_override(*config_dirs)] if config_dirs else []
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            loader = GlobalHydra.instance().config_loader()
-            return sorted(
-                loader.get_group_options(
-                    "llm", ObjectType.CONFIG, config_name="train", overrides=overrides
-                )
-            )
-    finally:
-        GlobalHydra.instance().clear()
+    return group_options("llm", *config_dirs)
 
 
 def _is_random_init(option: str) -> bool:

@@ -15,15 +15,12 @@ importable from `sys.path`), so a scorer outside the package needs no edit here:
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlmlab.errors import ConfigError
+from vlmlab.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -108,46 +105,17 @@ class Scorer:
         return {}
 
 
-_REGISTRY: dict[str, type[Scorer]] = {}
+SCORERS: Registry[type[Scorer]] = Registry("scorer", "vlmlab.eval.scorers", ENV_MODULES, key="type")
 
 
 def register(cls: type[Scorer]) -> type[Scorer]:
-    """Register a scorer class under its `name` (a class decorator; subclassing already does it).
-
-    Re-importing the same module replaces its class; another class under a taken name is refused.
-    """
-    if not cls.name:
-        raise TypeError(f"{cls.__qualname__} has no `name` (the benchmark row `type` it scores)")
-    old = _REGISTRY.get(cls.name)
-    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ConfigError(
-            "type",
-            f"two scorers for type {cls.name!r}: {old.__module__}.{old.__qualname__} and "
-            f"{cls.__module__}.{cls.__qualname__}.",
-            "give the new scorer another `name`.",
-        )
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Register a scorer class under its `name` (subclassing already does it)."""
+    return SCORERS.register(cls)
 
 
 def discover() -> dict[str, type[Scorer]]:
     """Import every scorer module (this package, EXTRA_MODULES, $VLMLAB_SCORERS); the registry."""
-    package = importlib.import_module(__package__ or "vlmlab.eval.scorers")
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"{package.__name__}.{info.name}")
-    env = [m.strip() for m in os.environ.get(ENV_MODULES, "").split(",") if m.strip()]
-    for module in [*EXTRA_MODULES, *env]:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            key = ENV_MODULES if module in env else "scorers.EXTRA_MODULES"
-            raise ConfigError(
-                key,
-                f"scorer module {module!r} cannot be imported: {err}.",
-                "name a module importable from sys.path (PYTHONPATH) that defines a Scorer.",
-            ) from err
-    return dict(sorted(_REGISTRY.items()))
+    return SCORERS.discover(EXTRA_MODULES, extra_key="scorers.EXTRA_MODULES")
 
 
 def registered() -> list[str]:

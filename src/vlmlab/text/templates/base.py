@@ -11,15 +11,12 @@ so a template from outside the package needs no edit here; `llm.template` names 
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import os
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
 from vlmlab.errors import ConfigError
+from vlmlab.registry import Registry
 
 ENV_MODULES = "VLMLAB_TEMPLATES"
 
@@ -73,46 +70,25 @@ def check_prompt_turns(turns: list[Turn]) -> None:
         raise ValueError("a generation prompt needs turns that end with a human turn")
 
 
-_REGISTRY: dict[str, type[Template]] = {}
 T = TypeVar("T", bound=type[Template])
+
+TEMPLATES: Registry[type[Template]] = Registry(
+    "template", "vlmlab.text.templates", ENV_MODULES, key="llm.template"
+)
 
 
 def register(cls: T) -> T:
     """Register a template class under its `name` (a class decorator).
 
     Explicit, not on subclassing: a test's throw-away subclass stays out of the registry.
-    Re-importing the same module replaces its class; another class under a taken name is refused.
     """
-    if not cls.name:
-        raise TypeError(f"{cls.__qualname__} has no `name` (the value of llm.template)")
-    old = _REGISTRY.get(cls.name)
-    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ConfigError(
-            "llm.template",
-            f"two templates named {cls.name!r}: {old.__module__}.{old.__qualname__} and "
-            f"{cls.__module__}.{cls.__qualname__}.",
-            "give the new template another `name`.",
-        )
-    _REGISTRY[cls.name] = cls
+    TEMPLATES.register(cls)
     return cls
 
 
 def discover() -> dict[str, type[Template]]:
     """Import every template module (this package, then $VLMLAB_TEMPLATES); the registry."""
-    package = importlib.import_module(__package__ or "vlmlab.text.templates")
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"{package.__name__}.{info.name}")
-    for module in [m.strip() for m in os.environ.get(ENV_MODULES, "").split(",") if m.strip()]:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise ConfigError(
-                ENV_MODULES,
-                f"template module {module!r} cannot be imported: {err}.",
-                "name a module importable from sys.path (PYTHONPATH) that registers a Template.",
-            ) from err
-    return dict(sorted(_REGISTRY.items()))
+    return TEMPLATES.discover()
 
 
 def available_templates() -> list[str]:
@@ -126,7 +102,6 @@ def get_template(name: str, eos_token: str | None = None, key: str = "stage.temp
     in the error for an unknown name."""
     registry = discover()
     if name not in registry:
-        close = difflib.get_close_matches(str(name), list(registry), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = TEMPLATES.closest(name)
         raise ConfigError(key, f"unknown template {name!r}.", f"{hint}use one of {list(registry)}.")
     return registry[name](eos=eos_token)
