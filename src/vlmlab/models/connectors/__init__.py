@@ -11,6 +11,22 @@ against it, on the meta device at LLaVA-1.5 shapes and built at the tiny ones.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
+
+def init_arguments(
+    cls: type, in_features: int, out_features: int, knobs: dict[str, Any]
+) -> dict[str, Any]:
+    """`cls(in_features, out_features, **knobs)`'s arguments, defaults filled in from `__init__`.
+
+    Why: a class's `expected_num_parameters` reads its knobs from here, so the defaults are
+    stated once (in `__init__`) and an unknown knob fails as it would when building.
+    """
+    bound = inspect.signature(cls).bind(in_features, out_features, **knobs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
 
 def attention_parameters(hidden: int, kv_width: int | None = None) -> int:
     """nn.MultiheadAttention: q, k, v projections (k, v from width kv_width) with biases, output."""

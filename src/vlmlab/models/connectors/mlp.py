@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.connectors import init_arguments
 
 
 class MLPConnector(nn.Module):
@@ -19,8 +22,9 @@ class MLPConnector(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     @classmethod
-    def expected_num_parameters(cls, in_features: int, out_features: int, depth: int = 2) -> int:
+    def expected_num_parameters(cls, in_features: int, out_features: int, **knobs: Any) -> int:
         """Dv*Dl + Dl + (depth-1)(Dl^2 + Dl): both biases of mlp2x_gelu count."""
+        depth = init_arguments(cls, in_features, out_features, knobs)["depth"]
         dl = out_features
         return in_features * dl + dl + (depth - 1) * (dl * dl + dl)
 

@@ -13,11 +13,13 @@ set of patches, not on their order: the encoder's own position embeddings carry 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
-from vlmlab.models.connectors import attention_parameters
+from vlmlab.models.connectors import attention_parameters, init_arguments
 
 
 class QFormerLayer(nn.Module):
@@ -110,19 +112,12 @@ class QFormerConnector(nn.Module):
         self.proj = nn.Linear(hidden_size, out_features)
 
     @classmethod
-    def expected_num_parameters(
-        cls,
-        in_features: int,
-        out_features: int,
-        num_queries: int = 32,
-        depth: int = 12,
-        hidden_size: int = 768,
-        num_heads: int = 12,
-        intermediate_size: int = 3072,
-        cross_attention_freq: int = 1,
-    ) -> int:
+    def expected_num_parameters(cls, in_features: int, out_features: int, **knobs: Any) -> int:
         """The class docstring's formula (the number of heads adds nothing)."""
-        h, inter, dv = hidden_size, intermediate_size, in_features
+        a = init_arguments(cls, in_features, out_features, knobs)
+        h, inter, dv = a["hidden_size"], a["intermediate_size"], in_features
+        num_queries, depth = a["num_queries"], a["depth"]
+        cross_attention_freq = a["cross_attention_freq"]
         per_layer = attention_parameters(h) + 2 * h + (h * inter + inter + inter * h + h) + 2 * h
         cross = attention_parameters(h, dv) + 2 * h
         crossing = len(range(0, depth, cross_attention_freq))

@@ -15,12 +15,13 @@ patch is, which is why Qwen-VL adds it to the keys.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from vlmlab.errors import ConfigError
-from vlmlab.models.connectors import attention_parameters
+from vlmlab.models.connectors import attention_parameters, init_arguments
 
 POS_EMBEDS = ("sincos2d", "none")
 
@@ -141,19 +142,11 @@ class ResamplerConnector(nn.Module):
         self.proj = nn.Linear(hidden, out_features)
 
     @classmethod
-    def expected_num_parameters(
-        cls,
-        in_features: int,
-        out_features: int,
-        num_queries: int = 64,
-        depth: int = 1,
-        hidden_size: int | None = None,
-        num_heads: int = 32,
-        pos_embed: str = "sincos2d",
-        mlp_ratio: int = 0,
-    ) -> int:
+    def expected_num_parameters(cls, in_features: int, out_features: int, **knobs: Any) -> int:
         """The class docstring's formula (heads and the sin-cos encoding add nothing)."""
-        h = hidden_size or out_features
+        a = init_arguments(cls, in_features, out_features, knobs)
+        h = a["hidden_size"] or out_features
+        num_queries, depth, mlp_ratio = a["num_queries"], a["depth"], a["mlp_ratio"]
         layer = 2 * h + attention_parameters(h)
         if mlp_ratio:
             r = mlp_ratio * h
