@@ -28,6 +28,7 @@ def measure(args: argparse.Namespace, root: Path, grouped: bool) -> dict[str, fl
     from vlmlab.data.prepare import ensure_shapes, resolve_dataset
     from vlmlab.data.tokenize import TextEncoder
     from vlmlab.models import build_vlm
+    from vlmlab.schema import DataConfig, typed
 
     cfg = compose(
         [
@@ -42,8 +43,8 @@ def measure(args: argparse.Namespace, root: Path, grouped: bool) -> dict[str, fl
         ]
     )
     model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
-    ensure_shapes(cfg.data)
-    dataset = resolve_dataset(cfg.data, "instruct")
+    ensure_shapes(typed(cfg.data, DataConfig))
+    dataset = resolve_dataset(typed(cfg.data, DataConfig), "instruct")
     text_encoder = TextEncoder.for_model(
         model, tokenizer, str(cfg.stage.template), int(cfg.data.max_length)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -25,9 +26,13 @@ def label_runs(mask: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def mistral_sentencepiece_tokenizer(folder: Path) -> Any:
+def mistral_sentencepiece_tokenizer(folder: Path, legacy: bool = False) -> Any:
     """mistral_common's v1 SentencePiece model (Mistral-7B v0.1/v0.2, Llama-2 family, 32K)
     as a transformers Llama tokenizer, saved to `folder`.
+
+    `legacy` is written into tokenizer_config.json, as Llama-2/Vicuna folders carry it: true
+    puts SentencePiece's `▁` in front of the text after every special token, false only at the
+    start (LLaVA's preprocess_v1 reads `tokenizer.legacy` to count round lengths).
 
     mistral-common is a dev dependency, so a missing package is a failure, not a skip. Without
     the `sentencepiece` package AutoTokenizer cannot read a bare tokenizer.model, so the
@@ -43,10 +48,15 @@ def mistral_sentencepiece_tokenizer(folder: Path) -> Any:
     assert proto.trainer_spec.model_type == 2  # BPE, like Llama-2
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     tokenizer = LlamaTokenizer(
-        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=False
+        vocab=vocab, merges=generate_merges(vocab), add_bos_token=True, legacy=legacy
     )
     assert len(tokenizer) >= 32000, "an empty tokenizer was built"
     tokenizer.save_pretrained(folder)
+    config_file = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "legacy": legacy}, indent=2))
+    # the model file itself too: presets with llm.tokenizer.backend=sentencepiece load it
+    (Path(folder) / "tokenizer.model").write_bytes(data.read_bytes())
     return tokenizer
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tests.conftest import REPO
 from vlmlab.data.prepare import resolve_dataset
 from vlmlab.errors import ConfigError
-from vlmlab.schema import EvalConfig, typed
+from vlmlab.schema import DataConfig, EvalConfig, typed
 from vlmlab.train import train
 
 PACKAGE = "vlmlab_ext_sources"
@@ -73,7 +73,7 @@ def extension(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 def test_a_new_data_source_is_one_module_and_one_yaml(
     extension: Path, compose_cfg: Callable[..., DictConfig], data_root: Path
 ) -> None:
-    shapes = resolve_dataset(compose_cfg().data, "align")
+    shapes = resolve_dataset(typed(compose_cfg().data, DataConfig), "align")
     assert shapes["prepare"] is not None
     shards = Path(shapes["prepare"]()) / "shards"  # the tiny shapes shards, as a plain folder
     (extension / PACKAGE / "flat.py").write_text(textwrap.dedent(FLAT_SOURCE))
@@ -88,14 +88,14 @@ def test_a_new_data_source_is_one_module_and_one_yaml(
             """)
     )
     cfg = compose_cfg("data=flat", f"data.root={shards}", "stage=1", "logger=none")
-    dataset = resolve_dataset(cfg.data, "align")
+    dataset = resolve_dataset(typed(cfg.data, DataConfig), "align")
     assert dataset["shard_dir"] == shards / "align" and dataset["heldout"] is None
     result = train(cfg)
     assert math.isfinite(result["metrics"]["train/loss"]) and result["complete"]
 
     bad = compose_cfg("data=flat", f"data._target_={PACKAGE}.flat.NoSuchSource")
     with pytest.raises(ConfigError, match=r"data\._target_"):
-        resolve_dataset(bad.data, "align")
+        resolve_dataset(typed(bad.data, DataConfig), "align")
 
 
 def test_a_logger_is_chosen_by_kind_from_yaml(

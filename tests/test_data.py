@@ -30,6 +30,7 @@ from vlmlab.data.prepare import ensure_shapes, resolve_dataset
 from vlmlab.data.shapes import COLOURS, POSITIONS, ShapesSpec, generate
 from vlmlab.data.shards import MANIFEST, read_manifest, write_shards
 from vlmlab.data.tokenize import TextEncoder
+from vlmlab.schema import DataConfig, typed
 from vlmlab.text import IGNORE_INDEX
 from vlmlab.text.templates import get_template
 
@@ -199,8 +200,8 @@ def test_write_shards_is_byte_identical(
 @pytest.fixture
 def instruct_shards(compose_cfg: Callable[..., DictConfig]) -> tuple[Path, list[str]]:
     cfg = compose_cfg()
-    root = ensure_shapes(cfg.data)
-    shard_dir = resolve_dataset(cfg.data, "instruct")["shard_dir"]
+    root = ensure_shapes(typed(cfg.data, DataConfig))
+    shard_dir = resolve_dataset(typed(cfg.data, DataConfig), "instruct")["shard_dir"]
     ids = [r["id"] for r in json.loads((root / "instruct.json").read_text())]
     return shard_dir, ids
 

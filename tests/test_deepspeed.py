@@ -27,6 +27,7 @@ import torch
 
 from vlmlab import checkpoints
 from vlmlab.errors import ConfigError
+from vlmlab.schema import TrainerConfig, typed
 from vlmlab.training.deepspeed import (
     deepspeed_available,
     optimizer_class,
@@ -35,6 +36,10 @@ from vlmlab.training.deepspeed import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(cfg: Any) -> TrainerConfig:
+    return typed(cfg.trainer, TrainerConfig)
 
 
 def _require_deepspeed() -> None:
@@ -134,14 +139,14 @@ def test_newest_loadable_picks_the_deepspeed_folder_and_falls_back_to_prev(
 
 
 def test_zero_stage_and_the_offload_optimizer(compose_cfg: Any) -> None:
-    assert zero_stage(compose_cfg("trainer=deepspeed_zero2")) == 2
-    assert zero_stage(compose_cfg("trainer=deepspeed_zero3")) == 3
-    assert zero_stage(compose_cfg("trainer=deepspeed_zero3_offload")) == 3
-    assert zero_stage(compose_cfg("trainer=ddp")) is None
-    assert zero_stage(compose_cfg("trainer=fsdp_cpu")) is None
-    assert optimizer_class(compose_cfg("trainer=deepspeed_zero3")) is None  # torch AdamW
-    assert optimizer_class(compose_cfg("trainer=ddp")) is None
-    offload = compose_cfg("trainer=deepspeed_zero3_offload")
+    assert zero_stage(_trainer(compose_cfg("trainer=deepspeed_zero2"))) == 2
+    assert zero_stage(_trainer(compose_cfg("trainer=deepspeed_zero3"))) == 3
+    assert zero_stage(_trainer(compose_cfg("trainer=deepspeed_zero3_offload"))) == 3
+    assert zero_stage(_trainer(compose_cfg("trainer=ddp"))) is None
+    assert zero_stage(_trainer(compose_cfg("trainer=fsdp_cpu"))) is None
+    assert optimizer_class(_trainer(compose_cfg("trainer=deepspeed_zero3"))) is None  # torch AdamW
+    assert optimizer_class(_trainer(compose_cfg("trainer=ddp"))) is None
+    offload = _trainer(compose_cfg("trainer=deepspeed_zero3_offload"))
     if deepspeed_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -173,7 +178,7 @@ def test_the_presets_are_valid_deepspeed_configs(compose_cfg: Any) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     for preset in ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"):
-        config = zero_config(compose_cfg(f"trainer={preset}"))
+        config = zero_config(_trainer(compose_cfg(f"trainer={preset}")), 16)
         # what Lightning adds (DeepSpeedStrategy._format_config) for bf16-mixed, accumulation 4
         config.update(
             {"bf16": {"enabled": True}, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0}
@@ -315,7 +320,7 @@ def test_zero_offload_needs_deepspeeds_cpu_adam(compose_cfg: Any, tmp_path: Path
     """DeepSpeed refuses torch AdamW with optimizer offload; `optimizer_class` gives what it
     accepts (DeepSpeedCPUAdam compiles its C++ kernel on first use: slow the first time)."""
     _require_deepspeed()
-    config = zero_config(compose_cfg("trainer=deepspeed_zero3_offload"))
+    config = zero_config(_trainer(compose_cfg("trainer=deepspeed_zero3_offload")), 16)
     config["zero_optimization"]["offload_param"]["pin_memory"] = False  # no CUDA host pinning
     config["zero_optimization"]["offload_optimizer"]["pin_memory"] = False
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -330,10 +335,11 @@ def test_zero_offload_needs_deepspeeds_cpu_adam(compose_cfg: Any, tmp_path: Path
             import deepspeed
             from deepspeed.runtime.zero.utils import ZeRORuntimeException
             from vlmlab.config import compose
+            from vlmlab.schema import TrainerConfig, typed
             from vlmlab.training.deepspeed import optimizer_class
             deepspeed.init_distributed("gloo")
             config = json.load(open(sys.argv[1]))
-            cls = optimizer_class(compose(["trainer=deepspeed_zero3_offload"]))
+            cls = optimizer_class(typed(compose(["trainer=deepspeed_zero3_offload"]).trainer, TrainerConfig))
             result = {}
             for name, opt in (("torch", torch.optim.AdamW), ("ours", cls)):
                 model = torch.nn.Linear(8, 4)

@@ -159,6 +159,8 @@ def test_stage_end_eval_logs_every_benchmark_and_the_alias(trained: dict[str, An
         assert f"eval/shapes_pope/{key}" in metrics
     assert metrics["eval/accuracy"] == metrics["eval/shapes_colour/accuracy"]
     assert trained["result"]["metrics"]["eval/accuracy"] == metrics["eval/accuracy"]
+    # the scoring rules are part of the run: a VQAv2 number says which reference it follows
+    assert trained["run"].data.params["eval.scoring.vqa.mode"] == "official"
     artifacts = {
         a.path
         for a in trained["client"].list_artifacts(trained["run"].info.run_id, "eval/shapes_colour")

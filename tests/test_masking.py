@@ -178,7 +178,14 @@ def test_bad_samples_have_stable_reasons(tiny) -> None:
     assert _reason(encoder, ends_with_human, True) == "wrong_role_order"
     assert _reason(encoder, [], False) == "empty_conversation"
     two_tags = _conv([("<image>\n<image>\nColour?", "Red")])
-    assert _reason(encoder, two_tags, True) == "image_token_count"
+    as_is = TextEncoder(tokenizer, encoder.template, m, encoder.image_token_id, 4096, "as_is")
+    assert _reason(as_is, two_tags, True) == "image_token_count"
+    # vicuna_v1 places images as LLaVA's preprocess_multimodal does: the tags of one message
+    # become one `<image>\n` in front of it
+    assert encoder.image_placement == "front"
+    assert encoder.encode(two_tags, True)["input_ids"].tolist() == (
+        encoder.encode(_conv([("<image>\nColour?", "Red")]), True)["input_ids"].tolist()
+    )
     tag_in_second_turn = _conv([("<image>\nColour?", "Red"), ("<image> again?", "Yes")])
     assert _reason(encoder, tag_in_second_turn, True) == "image_token_count"
     assert _reason(encoder, _conv([("<image>\nColour?", "Red")]), False) == "image_token_count"

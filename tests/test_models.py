@@ -545,6 +545,7 @@ def test_llm_preset_builds_at_tiny_size_and_runs(compose_cfg, option: str) -> No
     tiny = [
         "llm.pretrained=false",
         "llm.tokenizer={name_or_path: 'pkg://tiny_tokenizer'}",
+        "++llm.tokenizer.backend=auto",  # the bundled tokenizer is byte-level BPE
         "llm.config.hidden_size=64",
         "llm.config.intermediate_size=128",
         "llm.config.num_hidden_layers=2",

@@ -19,6 +19,7 @@ from tests.test_scale import final_weights, run_train
 from vlmlab import stages
 from vlmlab.errors import ConfigError
 from vlmlab.models import build_vlm
+from vlmlab.schema import TrainerConfig, typed
 from vlmlab.training import strategy as strategies
 from vlmlab.training.precision import apply_master_weights, check_precision, master_dtypes
 
@@ -56,7 +57,9 @@ def test_trainable_weights_are_fp32_and_frozen_ones_keep_bf16(
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_fsdp_unit_has_one_dtype(compose_cfg: Callable[..., DictConfig], stage: str) -> None:
     cfg, model = _built(compose_cfg, f"stage={stage}", "trainer=fsdp")
-    units = strategies.fsdp_units(model, strategies.fsdp_settings(cfg.trainer)["wrap"])
+    units = strategies.fsdp_units(
+        model, strategies.fsdp_settings(typed(cfg.trainer, TrainerConfig)).wrap
+    )
     apply_master_weights(model, "bf16-mixed", "fsdp", units)
     in_units = set()
     for unit in units:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,8 +17,14 @@ from omegaconf import DictConfig
 from tests.conftest import REPO
 from vlmlab import checkpoints
 from vlmlab.errors import ConfigError
+from vlmlab.schema import TrainerConfig, typed
 from vlmlab.training import strategy as strategies
 from vlmlab.training.throughput import FlopsModel, mfu
+
+
+def _trainer(cfg: Any) -> TrainerConfig:
+    return typed(cfg.trainer, TrainerConfig)
+
 
 # ---- presets compose and validate on CPU (no GPU, no deepspeed) --------------------------------
 
@@ -60,22 +67,24 @@ def test_deepspeed_presets_build_llava_zero_configs(
         8,
         1,
     )
-    config = strategies.zero_config(cfg)
+    config = strategies.zero_config(_trainer(cfg), int(cfg.data.batch_size))
     assert config == {
         "zero_optimization": EXPECTED_ZERO[preset],
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": 16,  # LLaVA-1.5 stage 2: 16 per GPU x 8 = 128
     }
-    assert not strategies.uses_global_token_loss(cfg)  # DeepSpeed owns accumulation
+    assert not strategies.uses_global_token_loss(_trainer(cfg))  # DeepSpeed owns accumulation
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    strategy = strategies.trainer_kwargs(cfg)["strategy"]  # deepspeed is a dev dependency
+    strategy = strategies.trainer_kwargs(_trainer(cfg), 16)[
+        "strategy"
+    ]  # deepspeed is a dev dependency
     assert isinstance(strategy, DeepSpeedStrategy) and strategy.exclude_frozen_parameters
     assert strategy.config["zero_optimization"] == EXPECTED_ZERO[preset]
     # where it is not installed, the preset says what to do before anything is built
     monkeypatch.setattr(strategies, "deepspeed_available", lambda: False)
     with pytest.raises(ConfigError, match="pip install deepspeed") as err:
-        strategies.trainer_kwargs(cfg)
+        strategies.trainer_kwargs(_trainer(cfg), 16)
     assert "trainer.strategy" in str(err.value)
 
 
@@ -93,7 +102,7 @@ def test_fsdp_gpu_preset_builds_model_parallel_strategy(
         f"trainer.fsdp.state_dict={state_dict}",
         tiny_data=False,
     )
-    kwargs = strategies.trainer_kwargs(cfg)
+    kwargs = strategies.trainer_kwargs(_trainer(cfg), 16)
     strategy = kwargs["strategy"]
     assert isinstance(strategy, ModelParallelStrategy)
     assert strategy._data_parallel_size == 16 and strategy._tensor_parallel_size == 1
@@ -101,9 +110,10 @@ def test_fsdp_gpu_preset_builds_model_parallel_strategy(
     # bf16 comes from FSDP2's MixedPrecisionPolicy; Lightning itself stays fp32
     assert kwargs["precision"] == "32-true" and kwargs["accelerator"] == "gpu"
     assert kwargs["num_nodes"] == 2 and kwargs["gradient_clip_val"] == 1.0
-    assert not set(strategies.OUR_KEYS) & set(kwargs)
-    assert strategies.fsdp_parallelizer(cfg) is not None
-    assert strategies.peak_flops(cfg.trainer) == 312e12
+    ours = {"fsdp", "deepspeed", "peak_tflops", "emulate_ranks", "extra_callbacks", "lightning"}
+    assert not ours & set(kwargs)
+    assert strategies.fsdp_parallelizer(_trainer(cfg)) is not None
+    assert strategies.peak_flops(_trainer(cfg)) == 312e12
     assert strategy._process_group_backend is None  # Lightning's default for the device: nccl
 
 
@@ -113,15 +123,17 @@ def test_fsdp_cpu_offload_reduces_cpu_gradients_over_gloo(
     """CPUOffloadPolicy keeps sharded gradients on the CPU: an NCCL-only process group cannot
     reduce them, so the strategy asks for gloo on CPU tensors and NCCL on CUDA ones."""
     cfg = compose_cfg("trainer=fsdp", "trainer.fsdp.cpu_offload=true", tiny_data=False)
-    strategy = strategies.trainer_kwargs(cfg)["strategy"]
+    strategy = strategies.trainer_kwargs(_trainer(cfg), 16)["strategy"]
     assert strategy._process_group_backend == "cpu:gloo,cuda:nccl"
 
 
 def test_ddp_preset_passes_through(compose_cfg: Callable[..., DictConfig]) -> None:
     cfg = compose_cfg("trainer=ddp", "trainer.devices=4", tiny_data=False)
-    kwargs = strategies.trainer_kwargs(cfg)
+    kwargs = strategies.trainer_kwargs(_trainer(cfg), 16)
     assert kwargs["strategy"] == "ddp" and kwargs["devices"] == 4
-    assert strategies.fsdp_parallelizer(cfg) is None and strategies.uses_global_token_loss(cfg)
+    assert strategies.fsdp_parallelizer(
+        _trainer(cfg)
+    ) is None and strategies.uses_global_token_loss(_trainer(cfg))
 
 
 def test_fsdp_blocks_are_the_shard_units(compose_cfg: Callable[..., DictConfig]) -> None:
@@ -170,16 +182,19 @@ def test_bad_trainer_settings_name_the_key(
     compose_cfg: Callable[..., DictConfig], overrides: list[str], key: str, fix: str
 ) -> None:
     with pytest.raises(ConfigError) as err:  # at composition (schema) or building the trainer
-        strategies.trainer_kwargs(compose_cfg(*overrides, tiny_data=False))
+        strategies.trainer_kwargs(_trainer(compose_cfg(*overrides, tiny_data=False)), 16)
     assert key in str(err.value) and fix in str(err.value)
 
 
 def test_emulate_ranks_is_for_one_process(compose_cfg: Callable[..., DictConfig]) -> None:
-    assert strategies.emulated_ranks(compose_cfg("trainer.emulate_ranks=2")) == 2
+    assert strategies.emulated_ranks(_trainer(compose_cfg("trainer.emulate_ranks=2"))) == 2
     with pytest.raises(ConfigError, match=r"trainer.emulate_ranks.*devices=1"):
-        strategies.emulated_ranks(compose_cfg("trainer.emulate_ranks=2", "trainer.devices=2"))
+        strategies.emulated_ranks(
+            _trainer(compose_cfg("trainer.emulate_ranks=2", "trainer.devices=2"))
+        )
     with pytest.raises(ConfigError, match="resume=null"):
-        strategies.emulated_ranks(compose_cfg("trainer.emulate_ranks=2", "resume=auto"))
+        cfg = compose_cfg("trainer.emulate_ranks=2", "resume=auto")
+        strategies.emulated_ranks(_trainer(cfg), cfg.resume)
 
 
 # ---- FLOPs / MFU formula against hand arithmetic -----------------------------------------------

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -250,15 +251,7 @@ def _fields(cls: type) -> set[str]:
 def test_schema_matches_the_sets_the_code_checks() -> None:
     from vlmlab.data.shapes import ShapesSpec
     from vlmlab.models.image_transform import ImageTransform
-    from vlmlab.stages import policy
-    from vlmlab.training import deepspeed, strategy
 
-    assert _fields(schema.StageConfig) == policy.STAGE_KEYS
-    assert _fields(schema.OptimConfig) == policy.OPTIM_KEYS
-    assert _fields(schema.LoraConfig) == policy.LORA_KEYS
-    assert _fields(schema.ParamGroupConfig) == policy.GROUP_KEYS
-    assert _fields(schema.FsdpConfig) == strategy.FSDP_KEYS
-    assert _fields(schema.DeepSpeedConfig) == deepspeed.DEEPSPEED_KEYS
     assert _fields(schema.GeneratorConfig) == {f.name for f in dataclasses.fields(ShapesSpec)}
     assert _fields(schema.ImageTransformConfig) == {
         f.name for f in dataclasses.fields(ImageTransform)
@@ -281,6 +274,33 @@ def test_trainer_schema_covers_lightning_trainer() -> None:
     from vlmlab.training import strategy
 
     accepted = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    own = _fields(schema.TrainerConfig) - set(strategy.OUR_KEYS) - {"extra_callbacks"}
-    assert own <= accepted
+    own = set(strategy.LIGHTNING_FIELDS)
+    assert own <= _fields(schema.TrainerConfig) and own <= accepted
     assert schema.TrainerConfig.PASSTHROUGH | set(schema.TrainerConfig.RESERVED) | own == accepted
+    # the other fields are vlmlab's and never reach L.Trainer
+    ours = _fields(schema.TrainerConfig) - own
+    assert ours == {
+        "fsdp",
+        "deepspeed",
+        "peak_tflops",
+        "emulate_ranks",
+        "extra_callbacks",
+        "lightning",
+    }
+
+
+def test_code_below_the_entry_gets_typed_trainer_settings(compose_cfg: Any) -> None:
+    """Lightning arguments given straight through are collected, vlmlab's own keys never
+    reach L.Trainer, and a block the preset leaves out has the schema's defaults."""
+    from vlmlab.training import strategy
+
+    cfg = compose_cfg("trainer=fsdp_cpu", "+trainer.num_sanity_val_steps=0", tiny_data=False)
+    trainer = schema.typed(cfg.trainer, schema.TrainerConfig)
+    assert trainer.lightning == {"num_sanity_val_steps": 0}
+    assert isinstance(trainer.fsdp, schema.FsdpConfig) and trainer.fsdp.wrap == ["llm", "encoder"]
+    kwargs = strategy.trainer_kwargs(trainer, micro_batch=2)
+    assert kwargs["num_sanity_val_steps"] == 0 and kwargs["devices"] == 2
+    assert not set(kwargs) & {"fsdp", "deepspeed", "peak_tflops", "emulate_ranks", "lightning"}
+    assert strategy.fsdp_settings(schema.TrainerConfig(strategy="fsdp")).wrap == ["llm", "encoder"]
+    with pytest.raises(ConfigError, match=r"trainer\.fsdp\.wrap"):
+        strategy.fsdp_settings(schema.typed({"fsdp": {"wrap": ["vision"]}}, schema.TrainerConfig))

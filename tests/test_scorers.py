@@ -151,10 +151,19 @@ def test_vqa_soft_accuracy_ten_choose_nine() -> None:
     assert scorers.vqa_accuracy("bird", ten) == 0.0
 
 
-def test_vqa_accuracy_normalises_prediction_and_answers() -> None:
-    answers = ["2"] * 5 + ["two"] * 3 + ["3"] * 2  # "two" -> "2": 8 humans say 2
-    assert scorers.vqa_accuracy("Two.", answers) == 1.0
+def test_vqa_modes_normalise_different_strings() -> None:
+    """official: the prediction fully, human answers only by punctuation (and only when they
+    disagree); lmms_eval: both fully. tests/test_scorer_references.py runs the originals."""
+    answers = ["2"] * 5 + ["two"] * 3 + ["3"] * 2
+    assert scorers.vqa_accuracy("Two.", answers, "lmms_eval") == 1.0  # "two" -> "2": 8 say 2
+    assert scorers.vqa_accuracy("Two.", answers) == 1.0  # official: 5 raw "2" are enough
+    assert scorers.vqa_accuracy("two", ["two"] * 10) == 0.0  # official: "2" vs raw "two"
+    assert scorers.vqa_accuracy("two", ["two"] * 10, "lmms_eval") == 1.0
     assert scorers.vqa_accuracy("The dog", ["dog"] * 10) == 1.0
+    assert scorers.vqa_accuracy("dog", ["dog."] * 9 + ["cat"]) == 1.0  # disagree: "dog." -> "dog"
+    assert scorers.vqa_accuracy("dog", ["dog."] * 10) == 0.0  # agree: compared raw
+    with pytest.raises(ValueError, match="not one of"):
+        scorers.vqa_accuracy("dog", ["dog"] * 10, "vqav2")
     with pytest.raises(ValueError, match="several human answers"):
         scorers.vqa_accuracy("dog", ["dog"])
 

@@ -17,6 +17,7 @@ from vlmlab import checkpoints, stages
 from vlmlab.errors import ConfigError
 from vlmlab.merge import build_from_checkpoint, merge_checkpoint
 from vlmlab.models import build_vlm
+from vlmlab.schema import TrainerConfig, typed
 from vlmlab.train import train
 from vlmlab.training.module import VLMModule
 
@@ -192,7 +193,7 @@ def test_qlora_under_sharding_is_refused_before_build(
     with the keys and the fix, and every other problem (no GPU here) in the same message."""
     cfg = compose_cfg("stage=2_qlora", f"trainer={trainer}", "llm=vicuna7b")
     with pytest.raises(ConfigError) as err:
-        stages.check_before_build(cfg.stage, cfg.trainer)
+        stages.check_before_build(cfg.stage, typed(cfg.trainer, TrainerConfig))
     message = str(err.value)
     for key in ["stage.quantize", *keys]:
         assert key in message, message
@@ -206,9 +207,11 @@ def test_qlora_with_replicated_base_is_not_a_strategy_problem(
     compose_cfg: Callable[..., DictConfig], trainer: str
 ) -> None:
     cfg = compose_cfg("stage=2_qlora", f"trainer={trainer}", "llm=vicuna7b")
-    assert stages.config_problems(cfg.stage, cfg.trainer) == []
+    assert stages.config_problems(cfg.stage, typed(cfg.trainer, TrainerConfig)) == []
     plain = compose_cfg("stage=2_lora", "trainer=fsdp_cpu")
-    stages.check_before_build(plain.stage, plain.trainer)  # no quantize: nothing to refuse
+    stages.check_before_build(
+        plain.stage, typed(plain.trainer, TrainerConfig)
+    )  # no quantize: nothing to refuse
 
 
 def _trained_lora_checkpoint(

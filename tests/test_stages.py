@@ -20,6 +20,7 @@ from vlmlab.data.prepare import ensure_shapes, resolve_dataset
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.models import build_vlm
+from vlmlab.schema import DataConfig, TrainerConfig, typed
 from vlmlab.stages.policy import format_table, parameter_table
 from vlmlab.train import accumulation
 from vlmlab.training.module import VLMModule
@@ -42,12 +43,12 @@ def _under(name: str, globs: list[str]) -> bool:
 
 def _real_batch(cfg: DictConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
     """One collated batch of the stage's own dataset, template and image transform."""
-    ensure_shapes(cfg.data)
+    ensure_shapes(typed(cfg.data, DataConfig))
     encoder = TextEncoder.for_model(
         model, tokenizer, str(cfg.stage.template), int(cfg.data.max_length)
     )
     dm = VLMDataModule(
-        resolve_dataset(cfg.data, str(cfg.stage.dataset))["shard_dir"],
+        resolve_dataset(typed(cfg.data, DataConfig), str(cfg.stage.dataset))["shard_dir"],
         encoder,
         model.encoder.image_transform,
         batch_size=4,
@@ -272,7 +273,8 @@ def test_schedule_warms_up_then_cosine_decays(compose_cfg: Callable[..., DictCon
 def test_accumulation(
     compose_cfg: Callable[..., DictConfig], overrides: list[str], expected: int
 ) -> None:
-    assert accumulation(compose_cfg(*overrides)) == expected
+    cfg = compose_cfg(*overrides)
+    assert accumulation(cfg, typed(cfg.trainer, TrainerConfig)) == expected
 
 
 def test_indivisible_global_batch_is_a_config_error(
@@ -280,7 +282,7 @@ def test_indivisible_global_batch_is_a_config_error(
 ) -> None:
     cfg = compose_cfg("trainer.devices=2", "data.batch_size=8", "stage.global_batch_size=100")
     with pytest.raises(ConfigError) as err:
-        accumulation(cfg)
+        accumulation(cfg, typed(cfg.trainer, TrainerConfig))
     assert "stage.global_batch_size" in str(err.value) and "data.batch_size" in str(err.value)
 
 

@@ -29,6 +29,7 @@ from vlmlab.data.shards import MANIFEST, shard_index, write_shards
 from vlmlab.data.split import Piece, batches_per_rank, plan_worker
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
+from vlmlab.schema import DataConfig, typed
 from vlmlab.train import train
 
 SPEC = ShapesSpec(num_images=90, num_heldout=0, image_size=32, seed=11)
@@ -286,12 +287,12 @@ def _tiny_mix(compose_cfg: Callable[..., DictConfig], *overrides: str) -> DictCo
     from vlmlab.data.prepare import ensure_shapes
 
     cfg = compose_cfg("data=tiny_mix", "stage=2", *overrides)
-    ensure_shapes(cfg.data)
+    ensure_shapes(typed(cfg.data, DataConfig))
     return cfg
 
 
 def _mixture_ids(cfg: DictConfig, tiny_model: tuple, seed: int, epoch: int = 0) -> list[str]:
-    sources = resolve_dataset(cfg.data, "instruct")["sources"]
+    sources = resolve_dataset(typed(cfg.data, DataConfig), "instruct")["sources"]
     mixture = Mixture(sources, seed=seed, total=cfg.data.mixture_size)
     ((stream, loader),) = _loaders(mixture, tiny_model, 1, batch_size=8)
     stream.set_epoch(epoch)
@@ -343,7 +344,7 @@ def test_mixture_config_errors_name_the_entry(compose_cfg: Callable[..., DictCon
     ):
         cfg = compose_cfg("data=tiny_mix", f"data.mixtures.instruct={entries}")
         with pytest.raises(ConfigError) as err:
-            resolve_dataset(cfg.data, "instruct")
+            resolve_dataset(typed(cfg.data, DataConfig), "instruct")
         assert str(err.value).startswith(key), err.value
     with pytest.raises(ConfigError, match=r"data.mixtures.instruct\[0\]"):
         Mixture([Source("gone", Path("/nonexistent"), key="data.mixtures.instruct[0]")], 0).counts()
@@ -371,6 +372,7 @@ def _bad_shard(root: Path, sets: dict[str, list[dict]], out: Path) -> list[str]:
         {"id": "b_count", "image": image, "conversations": conv(q)},
         {"id": "b_empty", "image": image, "conversations": []},
         {"id": "b_roles", "image": image, "conversations": conv(f"<image>\n{q}")[::-1]},
+        # LLaVA's placement (vicuna_v1: `front`) moves the tag first; the reply is cut off
         {"id": "b_long", "image": image, "conversations": conv("red " * 300 + "<image>")},
     ]
     good = sets["instruct"][1:13] + sets["text"][:12]
@@ -410,7 +412,7 @@ def test_bad_samples_train_to_the_end_and_reach_mlflow(
         "image_token_count": 1,
         "empty_conversation": 1,
         "wrong_role_order": 1,
-        "too_long": 1,
+        "no_targets": 1,
     }
     # instruct and text-only samples share batches: some padding, never all of it
     assert 0.0 < run.data.metrics["data/padding_fraction"] < 1.0

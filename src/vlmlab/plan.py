@@ -58,7 +58,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vlmlab import schema
 from vlmlab.errors import ConfigError
+from vlmlab.schema import FsdpConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +123,11 @@ def normalize_strategy(value: Any) -> str:
     )
 
 
-def _config_strategy(trainer: DictConfig) -> Any:
+def _config_strategy(trainer: TrainerConfig) -> Any:
     """The composed trainer's strategy; a DeepSpeed preset says its ZeRO stage in `deepspeed.stage`."""
-    strategy = trainer.get("strategy", "auto")
-    stage = (trainer.get("deepspeed") or {}).get("stage")
-    if str(strategy).lower().startswith("deepspeed") and stage is not None:
-        return f"deepspeed_zero{int(stage)}"
+    strategy = trainer.strategy
+    if str(strategy).lower().startswith("deepspeed") and trainer.deepspeed is not None:
+        return f"deepspeed_zero{int(trainer.deepspeed.stage)}"
     return strategy
 
 
@@ -146,11 +147,11 @@ def normalize_precision(value: Any) -> str:
     )
 
 
-def _world_size(trainer: DictConfig) -> int:
-    devices = trainer.get("devices", 1)
-    if isinstance(devices, int) and devices > 0:
+def _world_size(trainer: TrainerConfig) -> int:
+    devices = trainer.devices
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
         count = devices
-    elif isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+    elif isinstance(devices, list | tuple):
         count = len(devices)
     elif isinstance(devices, str) and devices.isdigit():
         count = int(devices)
@@ -158,7 +159,7 @@ def _world_size(trainer: DictConfig) -> int:
         raise ConfigError(
             "trainer.devices", f"got {devices!r}.", "pass --gpus N to say how many GPUs train."
         )
-    return count * int(trainer.get("num_nodes", 1) or 1)
+    return count * int(trainer.num_nodes or 1)
 
 
 def _plain(node: Any) -> Any:
@@ -469,17 +470,19 @@ def plan(
     from vlmlab.training.precision import apply_master_weights
 
     started = time.perf_counter()
-    chosen = normalize_strategy(strategy or _config_strategy(cfg.trainer))
-    trainer_view: Any = {"strategy": chosen} if strategy else cfg.trainer
-    problems = stages.config_problems(cfg.stage, trainer_view)
+    trainer = schema.typed(cfg.trainer, TrainerConfig)
+    chosen = normalize_strategy(strategy or _config_strategy(trainer))
+    problems = stages.config_problems(
+        cfg.stage, TrainerConfig(strategy=chosen) if strategy else trainer
+    )
     if problems:
         raise ConfigError("stage", "invalid stage policy:\n  " + "\n  ".join(problems))
-    precision = precision or str(cfg.trainer.get("precision", "32-true"))
+    precision = precision or str(trainer.precision)
     model, info = build_meta_model(cfg)
     stages.apply(cfg.stage, model, machine_checks=False)
     quantize = _plain(cfg.stage.get("quantize")) or None
     bits = int(quantize.get("bits", 4)) if quantize else None
-    wrap = list((cfg.trainer.get("fsdp") or {}).get("wrap") or ["llm", "encoder"])
+    wrap = list((trainer.fsdp or FsdpConfig()).wrap)
     units = [u for c in ("encoder", "llm") if c in wrap for u in _blocks(getattr(model, c), c)]
     apply_master_weights(model, precision, _precision_strategy(chosen), shard_units=units)
     components = {}
@@ -492,7 +495,7 @@ def plan(
     memory = estimate_memory(
         model,
         strategy=chosen,
-        world_size=gpus if gpus is not None else _world_size(cfg.trainer),
+        world_size=gpus if gpus is not None else _world_size(trainer),
         precision=precision,
         micro_batch=micro_batch or int(cfg.data.get("batch_size", 1)),
         seq_len=seq_len or int(cfg.data.get("max_length", 2048)),

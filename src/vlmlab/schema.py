@@ -10,8 +10,9 @@ What is free-form, on purpose: `encoder.config` / `llm.config` (HF architecture 
 `stage.train_last`, `trainer.extra_callbacks` items. Connector keys come from the connector
 `_target_`'s signature (inspect), so a new connector needs no edit here.
 
-The dataclasses are the types a later step hands down instead of the raw `DictConfig`; today
-only their field names are checked (values are checked where they are used).
+The dataclasses are also the types handed down instead of the raw `DictConfig` (`typed`):
+the trainer code takes a `TrainerConfig`, the data sources a `DataConfig`. Only key names are
+checked here; values are checked where they are used, with the key named.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class LLMConfig:
     template: str = "vicuna_v1"
     warmup_stage: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # HF config.json numbers
-    tokenizer: dict[str, Any] = field(default_factory=dict)  # AutoTokenizer kwargs + pad_token
+    # tokenizer kwargs + pad_token + backend (auto | sentencepiece: vlmlab.models.llm)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -188,6 +190,9 @@ class DataConfig:
     mixture_size: int | None = None
     group_by_length: bool = False
     group_megabatch: int = 16
+    # data.tokenize.TextEncoder; None: the stage template's own (vicuna_v1/plain: front, reject)
+    image_placement: str | None = None  # front (LLaVA's preprocess_multimodal) | as_is
+    special_text: str | None = None  # reject | as_text: control-token text inside the data
 
 
 @dataclass
@@ -199,6 +204,7 @@ class EvalConfig:
     max_samples: int | None = None
     short_answer_prompt: bool = False
     circular: bool = False
+    scoring: dict[str, dict[str, str]] = field(default_factory=dict)  # {type: {setting: value}}
 
 
 @dataclass
@@ -212,17 +218,18 @@ class LoggerConfig:
 
 @dataclass
 class FsdpConfig:
-    """training.strategy.FSDP_KEYS."""
+    """`trainer.fsdp` (training/strategy.py): how FSDP2 shards and saves."""
 
-    state_dict: str = "sharded"
+    state_dict: str = "sharded"  # sharded (one file per rank) | full (gathered on rank 0)
     reshard_after_forward: bool = True
-    wrap: list[str] = field(default_factory=list)
+    wrap: list[str] = field(default_factory=lambda: ["llm", "encoder"])  # sharded per block
     cpu_offload: bool = False
 
 
 @dataclass
 class DeepSpeedConfig:
-    """training.deepspeed.DEEPSPEED_KEYS (LLaVA's zero*.json)."""
+    """`trainer.deepspeed` (training/deepspeed.py): LLaVA's zero*.json as data; the stage-3
+    numbers left None take DeepSpeed's values from LLaVA's files."""
 
     stage: int = 2
     offload_optimizer: bool = False
@@ -280,6 +287,8 @@ class TrainerConfig:
     fsdp: FsdpConfig | None = None
     deepspeed: DeepSpeedConfig | None = None
     extra_callbacks: list[dict[str, Any]] = field(default_factory=list)
+    # Not a YAML key: `typed()` collects the PASSTHROUGH arguments given here.
+    lightning: dict[str, Any] = field(default_factory=dict, metadata={"collects": "PASSTHROUGH"})
 
 
 @dataclass
@@ -314,9 +323,16 @@ class RunConfig:
 
 # ------------------------------------------------------------------------------ validation
 def _hints(schema: type) -> dict[str, Any]:
-    """Field name -> resolved annotation (ClassVars are not fields)."""
+    """Config key -> resolved annotation (ClassVars and fields that collect others are not keys)."""
     hints = typing.get_type_hints(schema)
-    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+    return {
+        f.name: hints[f.name] for f in dataclasses.fields(schema) if "collects" not in f.metadata
+    }
+
+
+def keys_of(schema: type) -> set[str]:
+    """The config keys a group's schema accepts (what code that takes plain dicts checks)."""
+    return set(_hints(schema)) | set(getattr(schema, "PASSTHROUGH", ()))
 
 
 GROUP_SCHEMAS: dict[str, type] = {
@@ -503,8 +519,8 @@ def typed(node: Any, schema: type[_T]) -> _T:
     """A validated config group (DictConfig or dict) as its schema dataclass, nested groups too.
 
     Why: builders below the entry point take these objects, not the raw DictConfig, so what
-    they read is declared by a type. Free-form mappings stay plain dicts; keys that are not
-    fields (trainer PASSTHROUGH arguments) are left out.
+    they read is declared by a type. Free-form mappings stay plain dicts; trainer PASSTHROUGH
+    arguments are collected into `TrainerConfig.lightning`.
     """
     data = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     return _typed(data, schema)
@@ -513,6 +529,10 @@ def typed(node: Any, schema: type[_T]) -> _T:
 def _typed(data: Any, schema: type[_T]) -> _T:
     hints = _hints(schema)
     values = {str(k): _typed_value(v, hints[str(k)]) for k, v in data.items() if str(k) in hints}
+    for f in dataclasses.fields(schema):  # type: ignore[arg-type]
+        if "collects" in f.metadata:
+            collected = getattr(schema, f.metadata["collects"])
+            values[f.name] = {str(k): v for k, v in data.items() if str(k) in collected}
     return schema(**values)
 
 

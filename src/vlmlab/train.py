@@ -26,6 +26,7 @@ from vlmlab.errors import ConfigError
 from vlmlab.eval.callback import BenchmarkEval, SampleAnswers, build_eval_callback
 from vlmlab.logs import setup_logging
 from vlmlab.models import as_dict, build_vlm
+from vlmlab.schema import TrainerConfig
 from vlmlab.stages.policy import format_table
 from vlmlab.text.templates import get_template
 from vlmlab.tracking import callbacks as tracking
@@ -86,20 +87,9 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
     )
 
 
-def world_size(cfg: DictConfig) -> int:
-    devices = cfg.trainer.get("devices", 1)
-    if not isinstance(devices, int):
-        raise ConfigError(
-            "trainer.devices",
-            f"got {devices!r}.",
-            "give an integer so the global batch can be derived.",
-        )
-    return devices * int(cfg.trainer.get("num_nodes", 1))
-
-
-def accumulation(cfg: DictConfig) -> int:
+def accumulation(cfg: DictConfig, trainer: TrainerConfig) -> int:
     """Gradient accumulation so that micro batch x devices x nodes x accumulation = global batch."""
-    per_step = int(cfg.data.batch_size) * world_size(cfg)
+    per_step = int(cfg.data.batch_size) * strategies.world_size(trainer)
     global_batch = int(cfg.stage.global_batch_size)
     if global_batch % per_step:
         raise ConfigError(
@@ -207,6 +197,7 @@ class RunContext:
     resume_dir: Path
     resume_from: Path | None  # a Lightning checkpoint to continue, if any
     state: RunState  # what the resumed run started from
+    trainer: TrainerConfig  # cfg.trainer, typed
     trainer_args: dict[str, Any]  # validated L.Trainer arguments
     store_uri: str | None  # the MLflow store (None: logger=none)
 
@@ -249,9 +240,9 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     ctx = run_context(cfg)
     model, tokenizer = build_model(cfg)  # embed -> encode -> project -> scatter -> decode
     start, plan = start_and_policy(cfg, ctx, model)  # init/resume, then what trains
-    data = stage_data(cfg, model, tokenizer)
+    data = stage_data(cfg, ctx, model, tokenizer)
     logger = tracked.logger = start_logger(cfg, ctx, data)
-    module = training_module(cfg, model, plan, start, data, logger)
+    module = training_module(cfg, ctx, model, plan, start, data, logger)
     stage_callbacks = build_callbacks(
         callback_settings(cfg, ctx, logger), model, data.text_encoder, data.dataset
     )
@@ -259,7 +250,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     trainer = L.Trainer(
         **ctx.trainer_args,
         max_epochs=int(cfg.stage.epochs),
-        accumulate_grad_batches=accumulation(cfg),
+        accumulate_grad_batches=accumulation(cfg, ctx.trainer),
         logger=logger if logger is not None else False,
         callbacks=stage_callbacks.callbacks,
         default_root_dir=str(launch.lightning_root(ctx.resume_dir)),  # hpc_ckpt_* of this run
@@ -287,10 +278,12 @@ def run_context(cfg: DictConfig) -> RunContext:
     schema.validate(cfg)  # every unknown key at once, before any model is built
     root = Path(cfg.paths.root).resolve()
     L.seed_everything(int(cfg.seed), workers=True)
-    stages.check_before_build(cfg.stage, cfg.trainer)
+    trainer = schema.typed(cfg.trainer, TrainerConfig)
+    stages.check_before_build(cfg.stage, trainer)
     for key in ("llm.template", "stage.template"):  # a template name the registry lacks
         get_template(str(OmegaConf.select(cfg, key)), key=key)
-    trainer_args = strategies.trainer_kwargs(cfg)  # every trainer problem before a model is built
+    # every trainer problem before a model is built
+    trainer_args = strategies.trainer_kwargs(trainer, int(cfg.data.batch_size))
     key = run_key(cfg)
     resume_dir = root / "resume" / key
     resume_from, state = resolve_resume(cfg, resume_dir)
@@ -301,6 +294,7 @@ def run_context(cfg: DictConfig) -> RunContext:
         resume_dir=resume_dir,
         resume_from=resume_from,
         state=state,
+        trainer=trainer,
         trainer_args=trainer_args,
         store_uri=store_uri(logger_settings(cfg.logger), root),
     )
@@ -356,13 +350,13 @@ def start_and_policy(
         )
     assert plan is not None
     # fp32 master weights for everything that trains, one dtype per FSDP unit (training/precision.py)
-    strategy = strategies.strategy_name(cfg.trainer)
+    strategy = strategies.strategy_name(ctx.trainer)
     units = (
-        strategies.fsdp_units(model, strategies.fsdp_settings(cfg.trainer)["wrap"])
+        strategies.fsdp_units(model, strategies.fsdp_settings(ctx.trainer).wrap)
         if strategy == "fsdp"
         else None
     )
-    apply_master_weights(model, str(cfg.trainer.get("precision", "32-true")), strategy, units)
+    apply_master_weights(model, str(ctx.trainer.precision), strategy, units)
     log.info("stage %s parameters:\n%s", cfg.stage.name, format_table(plan.table))
     return StageStart(init, hf_base), plan
 
@@ -375,22 +369,31 @@ class StageData:
     total_steps: int  # optimizer steps of the whole stage
 
 
-def stage_data(cfg: DictConfig, model: Any, tokenizer: Any) -> StageData:
+def stage_data(cfg: DictConfig, ctx: RunContext, model: Any, tokenizer: Any) -> StageData:
     """Text encoding for this model, the stage's dataset and DataModule, the schedule length."""
+    data_cfg = schema.typed(cfg.data, schema.DataConfig)
     text_encoder = TextEncoder.for_model(
-        model, tokenizer, str(cfg.stage.template), int(cfg.data.max_length)
+        model,
+        tokenizer,
+        str(cfg.stage.template),
+        data_cfg.max_length,
+        image_placement=data_cfg.image_placement,  # None: the template's own (LLaVA's for LLaVA)
+        special_text=data_cfg.special_text,
     )
-    dataset = resolve_dataset(cfg.data, str(cfg.stage.dataset))
+    dataset = resolve_dataset(data_cfg, str(cfg.stage.dataset))
     datamodule = build_datamodule(
-        schema.typed(cfg.data, schema.DataConfig),
+        data_cfg,
         dataset,
         text_encoder,
         model.encoder.image_transform,
         seed=int(cfg.seed),
     )
-    datamodule = emulate_ranks(datamodule, strategies.emulated_ranks(cfg))
-    batches = int(cfg.stage.epochs) * datamodule.batches_per_epoch(world_size(cfg))
-    return StageData(text_encoder, dataset, datamodule, max(1, batches // accumulation(cfg)))
+    datamodule = emulate_ranks(datamodule, strategies.emulated_ranks(ctx.trainer, cfg.resume))
+    batches = int(cfg.stage.epochs) * datamodule.batches_per_epoch(
+        strategies.world_size(ctx.trainer)
+    )
+    steps = max(1, batches // accumulation(cfg, ctx.trainer))
+    return StageData(text_encoder, dataset, datamodule, steps)
 
 
 def start_logger(cfg: DictConfig, ctx: RunContext, data: StageData) -> Any:
@@ -408,6 +411,7 @@ def start_logger(cfg: DictConfig, ctx: RunContext, data: StageData) -> Any:
 
 def training_module(
     cfg: DictConfig,
+    ctx: RunContext,
     model: Any,
     plan: stages.StagePlan,
     start: StageStart,
@@ -424,10 +428,10 @@ def training_module(
             "init": str(start.init) if start.init else None,
             "mlflow_run_id": getattr(logger, "run_id", None),
         },
-        parallelize=strategies.fsdp_parallelizer(cfg),
-        global_token_loss=strategies.uses_global_token_loss(cfg),
-        sharded=strategies.shards_parameters(cfg),  # every forward runs every sharded unit
-        optimizer_cls=optimizer_class(cfg),  # DeepSpeedCPUAdam under ZeRO-Offload
+        parallelize=strategies.fsdp_parallelizer(ctx.trainer),
+        global_token_loss=strategies.uses_global_token_loss(ctx.trainer),
+        sharded=strategies.shards_parameters(ctx.trainer),  # every forward runs every sharded unit
+        optimizer_cls=optimizer_class(ctx.trainer),  # DeepSpeedCPUAdam under ZeRO-Offload
     )
 
 
@@ -439,7 +443,7 @@ def record_start(
     init = str(start.init) if start.init else None
     RunState(init, start.hf_base, run_id).write(ctx.resume_dir)
     if logger is not None and ctx.resume_from is None:
-        log_run_start(logger, run_start(cfg, plan, start))
+        log_run_start(logger, run_start(cfg, ctx, plan, start))
 
 
 @dataclass(frozen=True)
@@ -524,19 +528,21 @@ def callback_settings(cfg: DictConfig, ctx: RunContext, logger: Any) -> Callback
         resume_dir=ctx.resume_dir,
         run_key=ctx.key,
         every_n_steps=int(cfg.checkpoint.every_n_steps),
-        sharded=strategies.shards_parameters(cfg),
+        sharded=strategies.shards_parameters(ctx.trainer),
         tracked=logger is not None,
         eval_dir=ctx.root / "eval" / ctx.key,
         evaluate=bool(cfg.stage.get("evaluate")),
         eval=schema.typed(cfg.eval, schema.EvalConfig) if cfg.get("eval") is not None else None,
         samples=int(cfg.logger.get("samples", 0) or 0),
-        peak_flops=strategies.peak_flops(cfg.trainer),
+        peak_flops=strategies.peak_flops(ctx.trainer),
         record_samples=debug.get("record_samples"),
-        extra=list(ctx.trainer_args.pop("extra_callbacks", None) or []),
+        extra=list(ctx.trainer.extra_callbacks),
     )
 
 
-def run_start(cfg: DictConfig, plan: stages.StagePlan, start: StageStart) -> RunStart:
+def run_start(
+    cfg: DictConfig, ctx: RunContext, plan: stages.StagePlan, start: StageStart
+) -> RunStart:
     return RunStart(
         config=without_hydra(cfg),
         overrides=task_overrides(),
@@ -544,8 +550,8 @@ def run_start(cfg: DictConfig, plan: stages.StagePlan, start: StageStart) -> Run
         table=format_table(plan.table),
         trainable={row["component"]: row["trainable"] for row in plan.table},
         lrs={group["name"]: group["lr"] for group in plan.groups},
-        world_size=world_size(cfg),
-        accumulation=accumulation(cfg),
+        world_size=strategies.world_size(ctx.trainer),
+        accumulation=accumulation(cfg, ctx.trainer),
         init=start.init,
     )
 

@@ -2,7 +2,8 @@
 
 The kind of source is `data._target_` (a `DataSource` class): `ShardSource` reads converted
 shard folders, `ShapesSource` generates the synthetic shapes data on demand. A new kind is one
-class (in any module) plus one `conf/data/<name>.yaml` naming it; nothing here changes.
+class (in any module) plus one `conf/data/<name>.yaml` naming it; nothing here changes. Sources
+take the typed data group (`vlmlab.schema.DataConfig`), never the raw config.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
-
-from omegaconf import DictConfig, OmegaConf
 
 from vlmlab.data.mixture import Source, parse_sources
 from vlmlab.data.shapes import ShapesSpec, generate
 from vlmlab.data.shards import MANIFEST, write_shards
 from vlmlab.errors import ConfigError
+from vlmlab.schema import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ class DataSource(Protocol):
         ...
 
 
-def data_source(data_cfg: DictConfig) -> DataSource:
+def data_source(data_cfg: DataConfig) -> DataSource:
     """The `DataSource` class `data._target_` names, built from the data group."""
     from hydra.utils import get_object
 
-    target = data_cfg.get("_target_")
+    target = data_cfg._target_
     if not target:
         raise ConfigError(
             "data._target_",
@@ -70,7 +71,7 @@ def data_source(data_cfg: DictConfig) -> DataSource:
 class ShardSource:
     """`data.sets.<name>` are shard folders written by `vlmlab shards`; `data.heldout` a JSON."""
 
-    def __init__(self, data_cfg: DictConfig) -> None:
+    def __init__(self, data_cfg: DataConfig) -> None:
         self.cfg = data_cfg
 
     def set_dir(self, name: str, key: str) -> Path:
@@ -85,7 +86,7 @@ class ShardSource:
 
     def resolve(self, dataset: str) -> ResolvedDataset:
         sources = mixture_sources(self.cfg, dataset, self)
-        heldout = self.cfg.get("heldout")
+        heldout = self.cfg.heldout
         return {
             "shard_dir": None if sources is not None else self.set_dir(dataset, "stage.dataset"),
             "sources": sources,
@@ -99,7 +100,7 @@ class ShardSource:
 class ShapesSource:
     """The synthetic coloured shapes (`data.generator`), generated on first use."""
 
-    def __init__(self, data_cfg: DictConfig) -> None:
+    def __init__(self, data_cfg: DataConfig) -> None:
         self.cfg = data_cfg
 
     def set_dir(self, name: str, key: str) -> Path:
@@ -118,17 +119,27 @@ class ShapesSource:
         }
 
 
-def shapes_dir(data_cfg: DictConfig) -> Path:
-    spec = ShapesSpec(**data_cfg.generator)
-    return Path(data_cfg.root).resolve() / f"shapes-{spec.fingerprint()}"
+def shapes_spec(data_cfg: DataConfig) -> ShapesSpec:
+    """`data.generator` as the generator's spec."""
+    if data_cfg.generator is None:
+        raise ConfigError(
+            "data.generator",
+            "is missing.",
+            "give the synthetic set's sizes (see conf/data/shapes.yaml).",
+        )
+    return ShapesSpec(**asdict(data_cfg.generator))
 
 
-def ensure_shapes(data_cfg: DictConfig) -> Path:
+def shapes_dir(data_cfg: DataConfig) -> Path:
+    return Path(data_cfg.root).resolve() / f"shapes-{shapes_spec(data_cfg).fingerprint()}"
+
+
+def ensure_shapes(data_cfg: DataConfig) -> Path:
     """Generate images, LLaVA JSON and shards once per generator spec; safe to call concurrently."""
     target = shapes_dir(data_cfg)
     if (target / "DONE").is_file():
         return target
-    spec = ShapesSpec(**data_cfg.generator)
+    spec = shapes_spec(data_cfg)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     paths = generate(spec, tmp)
@@ -145,9 +156,9 @@ def ensure_shapes(data_cfg: DictConfig) -> Path:
     return target
 
 
-def _set_name(data_cfg: DictConfig, name: str, key: str) -> str:
+def _set_name(data_cfg: DataConfig, name: str, key: str) -> str:
     """`data.sets.<name>`, or a ConfigError naming the sets there are."""
-    sets = data_cfg.get("sets") or {}
+    sets = data_cfg.sets or {}
     if name not in sets:
         raise ConfigError(
             key, f"{name!r} is not a set of data={data_cfg.name}.", f"use one of {sorted(sets)}."
@@ -155,21 +166,25 @@ def _set_name(data_cfg: DictConfig, name: str, key: str) -> str:
     return str(sets[name])
 
 
-def mixture_sources(data_cfg: DictConfig, dataset: str, source: DataSource) -> list[Source] | None:
+def mixture_sources(data_cfg: DataConfig, dataset: str, source: DataSource) -> list[Source] | None:
     """`data.mixtures.<dataset>` as Sources, or None when the dataset is a plain set."""
-    mixtures = data_cfg.get("mixtures") or {}
+    mixtures = data_cfg.mixtures or {}
     if dataset not in mixtures:
         return None
     key = f"data.mixtures.{dataset}"
-    entries = OmegaConf.to_container(mixtures[dataset], resolve=True)
+    entries = mixtures[dataset]
     if not isinstance(entries, list):
         raise ConfigError(
             key, f"got {entries!r}.", "give a list of {name, set|path, weight|count}."
         )
-    return parse_sources(entries, key, lambda name: source.set_dir(name, key))
+    given = [  # the keys an entry states (unset fields are None in the typed entry)
+        {k: v for k, v in asdict(e).items() if v is not None} if not isinstance(e, dict) else e
+        for e in entries
+    ]
+    return parse_sources(given, key, lambda name: source.set_dir(name, key))
 
 
-def resolve_dataset(data_cfg: DictConfig, dataset: str) -> ResolvedDataset:
+def resolve_dataset(data_cfg: DataConfig, dataset: str) -> ResolvedDataset:
     """Shard folder (or mixture sources) for `stage.dataset`, plus held-out file and image root.
 
     `data.mixtures.<dataset>`, when present, replaces `data.sets.<dataset>` for training.

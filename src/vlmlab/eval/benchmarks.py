@@ -40,10 +40,12 @@ def _colour(record: Row, image: str, rng: np.random.Generator) -> list[Row]:
 
 
 def _count(record: Row, image: str, rng: np.random.Generator) -> list[Row]:
-    """Every image has one shape; like real annotators, a few of the 10 humans disagree."""
+    """Every image has one shape; like real annotators, a few of the 10 humans disagree.
+    Answers are stored normalised ("1", not "one"), as VQAv2's annotation files are: the
+    official scorer compares the human answers raw."""
     wrong = int(rng.integers(0, 3))
-    words = int(rng.integers(0, 10 - wrong + 1))
-    answers = ["2"] * wrong + ["one"] * words + ["1"] * (10 - wrong - words)
+    rng.integers(0, 10 - wrong + 1)  # kept: the same random stream as before
+    answers = ["2"] * wrong + ["1"] * (10 - wrong)
     rng.shuffle(answers)
     return [
         {

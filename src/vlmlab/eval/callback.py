@@ -27,6 +27,7 @@ from vlmlab.eval.benchmarks import SYNTHETIC, synthetic_for_shapes
 from vlmlab.eval.generate import Generator
 from vlmlab.eval.heldout import evaluate_heldout
 from vlmlab.eval.runner import run_benchmark
+from vlmlab.eval.scorers import resolve_settings
 from vlmlab.models.vlm import VisionLanguageModel
 from vlmlab.schema import EvalConfig
 
@@ -187,4 +188,5 @@ def build_eval_callback(
         short_answer_prompt=bool(eval_cfg.short_answer_prompt),
         circular=bool(eval_cfg.circular),
         max_samples=int(eval_cfg.max_samples) if eval_cfg.max_samples is not None else None,
+        scoring=resolve_settings(eval_cfg.scoring),  # a misspelt mode fails before training
     )

@@ -2,6 +2,9 @@
 
 The conversation is rendered with the model's own chat template; the image goes with the first
 turn and the history is kept, as in training. `--prompt TEXT` asks once and prints only the answer.
+What the user types is text: the template's control tokens (`</s>`, `<|im_end|>` ...) typed in it
+are tokenised as text (`TextEncoder.encode_prompt`), and `<image>`, whose place the chat decides,
+is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ class Conversation:
         self.turns: list[Turn] = []
 
     def ask(self, text: str) -> str:
+        """The model's answer to `text`; ValueError for text holding `<image>`."""
+        if IMAGE_PLACEHOLDER in text:
+            raise ValueError(
+                f"{IMAGE_PLACEHOLDER} in the question: the chat puts the image in front of the "
+                "first question itself; remove it from the text"
+            )
         if not self.turns and self.image is not None:
             text = f"{IMAGE_PLACEHOLDER}\n{text}"
         turns = [*self.turns, Turn("human", text)]
@@ -60,7 +69,10 @@ def _interactive(conversation: Conversation) -> None:
             conversation.reset()
             continue
         if text:
-            print(f"model> {conversation.ask(text)}", flush=True)
+            try:
+                print(f"model> {conversation.ask(text)}", flush=True)
+            except ValueError as err:
+                print(f"vlmlab chat: {err}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
@@ -117,7 +129,11 @@ def main(argv: list[str]) -> int:
         )
     conversation = Conversation(loaded.generator(), image, config)
     if args.prompt is not None:
-        print(conversation.ask(args.prompt))
+        try:
+            print(conversation.ask(args.prompt))
+        except ValueError as err:
+            print(f"vlmlab chat: {err}", file=sys.stderr)
+            return 2
         return 0
     _interactive(conversation)
     return 0

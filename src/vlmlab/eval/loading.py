@@ -247,13 +247,13 @@ def _load_merged(
 
 def detect_hf_template(path: Path) -> str:
     """The vlmlab template whose Jinja form is the export's chat template (vicuna_v1 if none)."""
-    from transformers import AutoTokenizer
-
     from vlmlab.models.hf_llava import chat_template_for
+    from vlmlab.models.llm import build_tokenizer
 
     saved = _saved_chat_template(path)
     if saved:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # vlmlab's loader: a folder saved by the SentencePiece backend reloads with it
+        tokenizer = build_tokenizer({"name_or_path": str(path)})
         for name in available_templates():
             if name == "plain":
                 continue

@@ -96,19 +96,21 @@ def _queries(item: Item, short_answer_prompt: bool, circular: bool) -> list[Quer
     return scorers.get_scorer(item.type).queries(item, short_answer_prompt, circular)
 
 
-def score(query: Query, prediction: str) -> float:
-    """The query's score under its benchmark type (pure: its scorer does the work)."""
-    return scorers.get_scorer(query.item.type).score(query, prediction)
+def score(query: Query, prediction: str, settings: scorers.Settings | None = None) -> float:
+    """The query's score under its benchmark type and `settings` (its scorer does the work)."""
+    return scorers.get_scorer(query.item.type, settings=settings).score(query, prediction)
 
 
-def prediction_row(query: Query, prediction: str) -> dict[str, Any]:
+def prediction_row(
+    query: Query, prediction: str, settings: scorers.Settings | None = None
+) -> dict[str, Any]:
     """One line of predictions.jsonl: the query, the model's answer and its score."""
     return {
         "id": query.item.id,
         "question": query.text,
         "prediction": prediction,
         "answers": query.item.answers,
-        "score": score(query, prediction),
+        "score": score(query, prediction, settings),
         "type": query.item.type,
         **({"options": query.options, "rotation": query.rotation} if query.options else {}),
     }
@@ -149,11 +151,17 @@ def run_benchmark(
     circular: bool = False,
     max_samples: int | None = None,
     name: str | None = None,
+    scoring: scorers.Settings | None = None,
 ) -> dict[str, Any]:
-    """Answer and score one benchmark file; writes out_dir/<name>/{predictions.jsonl,summary.json}."""
+    """Answer and score one benchmark file; writes out_dir/<name>/{predictions.jsonl,summary.json}.
+
+    `scoring`: scorer settings by row type (`eval.scoring`, e.g. {"vqa": {"mode": "official"}});
+    the resolved values, defaults included, go into the summary's `settings.scoring`.
+    """
     bench = Path(bench)
     if not bench.is_file():
         raise ConfigError("--bench", f"{bench} does not exist.", "give a benchmark JSONL file.")
+    scoring = scorers.resolve_settings(scoring)
     name = name or bench.stem
     items, rejected = read_benchmark(bench)
     if max_samples is not None:
@@ -177,7 +185,7 @@ def run_benchmark(
             batch.append(query)
             requests.append(Request([Turn("human", text)], image))
         for query, prediction in zip(batch, generator(requests, config)):
-            rows.append(prediction_row(query, prediction))
+            rows.append(prediction_row(query, prediction, scoring))
     scored = {r["id"] for r in rows}
     items = [i for i in items if i.id in scored]
     summary = {
@@ -192,6 +200,7 @@ def run_benchmark(
             "max_new_tokens": max_new_tokens,
             "short_answer_prompt": short_answer_prompt,
             "circular": circular,
+            "scoring": scoring,
             "template": generator.template.name,
             "device": str(next(generator.model.parameters()).device),
             "dtype": str(generator.model.llm.dtype).removeprefix("torch."),
@@ -225,9 +234,10 @@ def make_synthetic(out_dir: Path, overrides: list[str]) -> dict[str, Path]:
     from vlmlab.config import compose
     from vlmlab.data.prepare import resolve_dataset
     from vlmlab.eval.benchmarks import write_synthetic
+    from vlmlab.schema import DataConfig, typed
 
     cfg = compose(overrides)
-    dataset = resolve_dataset(cfg.data, str(cfg.stage.dataset))
+    dataset = resolve_dataset(typed(cfg.data, DataConfig), str(cfg.stage.dataset))
     root = dataset["synthetic_root"]
     if root is None:
         raise ConfigError(
@@ -259,6 +269,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--short-answer-prompt", action="store_true", help="LLaVA-1.5 eval prompts")
     parser.add_argument("--circular", action="store_true", help="MMBench CircularEval for mc rows")
+    parser.add_argument(
+        "--vqa-mode",
+        choices=scorers.VQA_MODES,
+        default=scorers.VQA_MODES[0],
+        help="whose VQAv2 accuracy: official vqaEval.py (default), lmms-eval 0.7.3, or LLaVA's "
+        "test-dev path (EvalAI answer processor, then official)",
+    )
+    parser.add_argument(
+        "--mc-extract",
+        choices=scorers.MC_EXTRACTS,
+        default=scorers.MC_EXTRACTS[0],
+        help="mc answers MMBench's extractor cannot read: our rules (default) or wrong, as "
+        "VLMEvalKit without a judge",
+    )
     parser.add_argument("--max-samples", type=int, help="score only the first N valid rows")
     parser.add_argument(
         "--template", help="chat template (default: the one the model trained with)"
@@ -307,6 +331,7 @@ def main(argv: list[str]) -> int:
                 short_answer_prompt=args.short_answer_prompt,
                 circular=args.circular,
                 max_samples=args.max_samples,
+                scoring={"vqa": {"mode": args.vqa_mode}, "mc": {"extract": args.mc_extract}},
             )
             for bench, name in zip(args.bench, names)
         ]

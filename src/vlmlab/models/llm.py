@@ -104,22 +104,45 @@ def resolve_asset(path: str) -> str:
     return path
 
 
-def build_tokenizer(tokenizer_cfg: dict[str, Any]) -> Any:
-    """Load the tokenizer and make sure it has `<image>` (special) and a pad token."""
-    from transformers import AutoTokenizer
+TOKENIZER_BACKENDS = ("auto", "sentencepiece")
 
+
+def build_tokenizer(tokenizer_cfg: dict[str, Any]) -> Any:
+    """Load the tokenizer and make sure it has `<image>` (special) and a pad token.
+
+    `backend` (llm.tokenizer.backend): `sentencepiece` loads tokenizer.model with the
+    SentencePiece library, token for token what LLaVA trained with (transformers 4's slow
+    `LlamaTokenizer`, vlmlab.models.sp_tokenizer); `auto` (default) is AutoTokenizer, except
+    for a folder that this backend saved (its tokenizer_config.json says so), which reloads
+    with it: transformers 5 would read tokenizer.model as BPE merges, other tokens.
+    """
     name = tokenizer_cfg.get("name_or_path")
     if not name:
         raise ConfigError(
             "llm.tokenizer.name_or_path", "is empty.", "set a hub id or a local folder."
         )
-    kwargs = {k: v for k, v in tokenizer_cfg.items() if k not in ("name_or_path", "pad_token")}
+    backend = tokenizer_cfg.get("backend") or "auto"
+    if backend not in TOKENIZER_BACKENDS:
+        raise ConfigError(
+            "llm.tokenizer.backend", f"got {backend!r}.", f"use one of {list(TOKENIZER_BACKENDS)}."
+        )
+    kwargs = {
+        k: v for k, v in tokenizer_cfg.items() if k not in ("name_or_path", "pad_token", "backend")
+    }
     path = resolve_asset(name)
     if path != name and not Path(path).is_dir():
         raise ConfigError(
             "llm.tokenizer.name_or_path", f"bundled tokenizer {name} is missing at {path}."
         )
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    from vlmlab.models.sp_tokenizer import load_sentencepiece_tokenizer, saved_with_sentencepiece
+
+    tokenizer: Any
+    if backend == "sentencepiece" or (Path(path).is_dir() and saved_with_sentencepiece(path)):
+        tokenizer = load_sentencepiece_tokenizer(path, **kwargs)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:

@@ -25,21 +25,23 @@ from torch import nn
 from vlmlab.errors import ConfigError
 from vlmlab.models.backbone import backbone_of, block_names
 from vlmlab.models.lora import lora_config, wrap_lora
+from vlmlab.schema import (
+    LoraConfig,
+    OptimConfig,
+    ParamGroupConfig,
+    StageConfig,
+    TrainerConfig,
+    keys_of,
+)
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("encoder", "connector", "llm")
-STAGE_KEYS = {
-    "name", "title", "train", "freeze", "train_last", "uses", "lora", "quantize", "param_groups",
-    "optim", "global_batch_size", "gradient_checkpointing", "template", "dataset", "previous",
-    "init_from", "epochs", "evaluate",
-}  # fmt: skip
-OPTIM_KEYS = {"lr", "weight_decay", "warmup_ratio", "schedule", "betas", "eps"}
-LORA_KEYS = {
-    "target", "r", "alpha", "dropout", "target_modules", "exclude_modules", "bias",
-    "use_rslora", "use_dora",
-}  # fmt: skip
-GROUP_KEYS = {"name", "match", "lr", "weight_decay"}
+# The keys a policy may hold: the schema's (a stored policy from a checkpoint is checked too).
+STAGE_KEYS = keys_of(StageConfig)
+OPTIM_KEYS = keys_of(OptimConfig)
+LORA_KEYS = keys_of(LoraConfig)
+GROUP_KEYS = keys_of(ParamGroupConfig)
 
 
 @dataclass
@@ -118,9 +120,9 @@ def _quantize_problems(spec: dict[str, Any], machine: bool = True) -> list[str]:
     return problems
 
 
-def _zero_stage(trainer: Any) -> int:
+def _zero_stage(trainer: TrainerConfig) -> int:
     """The ZeRO stage a `deepspeed` trainer runs (trainer.deepspeed.stage, DeepSpeed's default 2)."""
-    return int(_as_dict(trainer.get("deepspeed")).get("stage", 2) or 2)
+    return int(trainer.deepspeed.stage) if trainer.deepspeed is not None else 2
 
 
 def sharding_problem(quantize: Any, strategy: str, zero_stage: int | None = None) -> str | None:
@@ -161,24 +163,24 @@ def sharding_problem(quantize: Any, strategy: str, zero_stage: int | None = None
     return None
 
 
-def config_problems(policy: Any, trainer: Any | None = None) -> list[str]:
+def config_problems(policy: Any, trainer: TrainerConfig | None = None) -> list[str]:
     """Problems the stage (and trainer) config show on any machine; `vlmlab plan` reports them."""
     stage = _as_dict(policy)
     quantize = _as_dict(stage.get("quantize"))
     problems = _quantize_problems(quantize, machine=False)
     if quantize and trainer is not None:
-        strategy = str(trainer.get("strategy", "auto"))
+        strategy = str(trainer.strategy)
         problem = sharding_problem(quantize, strategy, _zero_stage(trainer))
         if problem:
             problems.append(problem)
     return problems
 
 
-def check_before_build(policy: Any, trainer: Any | None = None) -> None:
+def check_before_build(policy: Any, trainer: TrainerConfig | None = None) -> None:
     """Problems visible without a model: fail before loading weights, listing all of them.
 
     E.g. QLoRA on a CPU machine (needs a CUDA GPU) and QLoRA under FSDP or ZeRO-3 (can't
-    shard 4-bit weights) in one message. `trainer` is `cfg.trainer` (None: stage checks only).
+    shard 4-bit weights) in one message. `trainer`: the typed `cfg.trainer` (None: stage only).
     """
     quantize = _as_dict(_as_dict(policy).get("quantize"))
     problems = _quantize_problems(quantize)

@@ -21,7 +21,7 @@ from vlmlab.checkpoints.meta import CheckpointMeta, read_meta
 from vlmlab.errors import ConfigError
 from vlmlab.schema import LoggerConfig
 from vlmlab.tracking.mlflow import flatten, git_commit, run_link, run_name, tracking_uri
-from vlmlab.tracking.sweep import parent_run_id, swept_keys
+from vlmlab.tracking.sweep_job import parent_run_id, swept_keys
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Parent/child: `MlflowSweepCallback.on_multirun_start` (main process, before any 
 the parent run, records the sweep command and overrides, writes `mlflow_parent.json` into the
 sweep dir and exports `VLMLAB_MLFLOW_PARENT_RUN_ID`, which every launcher hands to its jobs
 (same process for `basic`, inherited environment for `joblib` workers and submitit jobs).
-Each job's run gets the `mlflow.parentRunId` tag (see `parent_run_id`). `on_multirun_end`
+Each job's run gets the `mlflow.parentRunId` tag (`sweep_job.parent_run_id`). `on_multirun_end`
 counts the children and ends the parent; if a job fails Hydra raises before
 `on_multirun_end`, so an exit hook ends the parent FAILED instead of leaving it RUNNING.
 
@@ -25,27 +25,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vlmlab.tracking.sweep_job import KEYS_ENV, PARENT_ENV
+
 log = logging.getLogger(__name__)
 
-PARENT_ENV = "VLMLAB_MLFLOW_PARENT_RUN_ID"
-KEYS_ENV = "VLMLAB_SWEEP_KEYS"
 PARENT_FILE = "mlflow_parent.json"
 SWEEP_TAG = "vlmlab.sweep"
-
-
-def parent_run_id() -> str | None:
-    """The sweep's parent run id for the job running now, or None outside a sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return os.environ.get(PARENT_ENV) or None
-
-
-def swept_keys() -> tuple[str, ...]:
-    """Keys the running sweep varies (`connector=linear,mlp` -> connector); () outside a sweep."""
-    return tuple(json.loads(os.environ.get(KEYS_ENV, "[]"))) if parent_run_id() else ()
 
 
 def sweep_keys(overrides: list[str]) -> list[str]:
@@ -64,14 +49,14 @@ class MlflowSweepCallback(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.logger.get("kind") != "mlflow":  # the one logger whose runs nest in a parent
+        from vlmlab.tracking.logger import logger_settings, store_uri
+
+        root = Path(config.paths.root).resolve()
+        uri = store_uri(logger_settings(config.logger), root)
+        if uri is None:  # a logger kind without an MLflow store: no runs to nest
             return
         from mlflow import MlflowClient
 
-        from vlmlab.tracking.mlflow import tracking_uri
-
-        root = Path(config.paths.root).resolve()
-        uri = tracking_uri(config.logger.get("tracking_uri"), root)
         client = MlflowClient(uri)
         name = str(config.logger.experiment_name)
         experiment = client.get_experiment_by_name(name)

@@ -23,51 +23,37 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from vlmlab import checkpoints
 from vlmlab.errors import ConfigError
-from vlmlab.training.settings import settings_block
+from vlmlab.schema import DeepSpeedConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 
-DEEPSPEED_KEYS = {
-    "stage",
-    "offload_optimizer",
-    "offload_parameters",
-    "pin_memory",
-    "allgather_bucket_size",
-    "reduce_bucket_size",
-    "overlap_comm",
-    "contiguous_gradients",
-    "sub_group_size",
-    "max_live_parameters",
-    "max_reuse_distance",
-    "prefetch_bucket_size",
-    "param_persistence_threshold",
-    "gather_16bit_weights_on_model_save",
-}
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
-def zero_config(cfg: DictConfig) -> dict[str, Any]:
+def zero_config(trainer: TrainerConfig, micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed config (LLaVA's scripts/zero{2,3,3_offload}.json, with numbers for its
-    `auto`s); Lightning adds precision, gradient clipping and accumulation from the trainer."""
-    block = settings_block(cfg.trainer, "deepspeed", DEEPSPEED_KEYS)
-    stage = block.get("stage", 2)
+    `auto`s); Lightning adds precision, gradient clipping and accumulation from the trainer.
+    `micro_batch`: `data.batch_size` (DeepSpeed's `train_micro_batch_size_per_gpu`)."""
+    block = trainer.deepspeed or DeepSpeedConfig()
+    stage = block.stage
     if stage not in (1, 2, 3):
         raise ConfigError("trainer.deepspeed.stage", f"got {stage!r}.", "use 1, 2 or 3.")
     zero: dict[str, Any] = {
         "stage": stage,
-        "overlap_comm": bool(block.get("overlap_comm", True)),
-        "contiguous_gradients": bool(block.get("contiguous_gradients", True)),
-        "sub_group_size": int(block.get("sub_group_size", 1e9)),
-        "allgather_bucket_size": int(block.get("allgather_bucket_size", 2e8)),
-        "reduce_bucket_size": int(block.get("reduce_bucket_size", 2e8)),
+        "overlap_comm": bool(block.overlap_comm),
+        "contiguous_gradients": bool(block.contiguous_gradients),
+        "sub_group_size": int(block.sub_group_size),
+        "allgather_bucket_size": int(block.allgather_bucket_size),
+        "reduce_bucket_size": int(block.reduce_bucket_size),
     }
-    pin = bool(block.get("pin_memory", True))
-    if block.get("offload_optimizer"):
+    pin = bool(block.pin_memory)
+    if block.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-    if block.get("offload_parameters"):
+    if block.offload_parameters:
         if stage != 3:
             raise ConfigError(
                 "trainer.deepspeed.offload_parameters",
@@ -78,21 +64,21 @@ def zero_config(cfg: DictConfig) -> dict[str, Any]:
     if stage == 3:
         zero.update(
             {
-                "stage3_prefetch_bucket_size": int(block.get("prefetch_bucket_size", 5e7)),
+                "stage3_prefetch_bucket_size": int(_or(block.prefetch_bucket_size, 5e7)),
                 "stage3_param_persistence_threshold": int(
-                    block.get("param_persistence_threshold", 1e5)
+                    _or(block.param_persistence_threshold, 1e5)
                 ),
-                "stage3_max_live_parameters": int(block.get("max_live_parameters", 1e9)),
-                "stage3_max_reuse_distance": int(block.get("max_reuse_distance", 1e9)),
+                "stage3_max_live_parameters": int(_or(block.max_live_parameters, 1e9)),
+                "stage3_max_reuse_distance": int(_or(block.max_reuse_distance, 1e9)),
                 "stage3_gather_16bit_weights_on_model_save": bool(
-                    block.get("gather_16bit_weights_on_model_save", True)
+                    _or(block.gather_16bit_weights_on_model_save, True)
                 ),
             }
         )
     return {
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW, as Lightning's default config
-        "train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
+        "train_micro_batch_size_per_gpu": int(micro_batch),
     }
 
 
@@ -100,17 +86,17 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def zero_stage(cfg: DictConfig) -> int | None:
+def zero_stage(trainer: TrainerConfig) -> int | None:
     """The ZeRO stage of a DeepSpeed run, None for any other strategy.
 
     Stage 3 partitions the parameters: like FSDP, the model is `sharded` (every rank runs every
     forward) and rank-0-only generation at the end of the stage would hang the other ranks."""
-    if cfg.trainer.get("strategy", "auto") != "deepspeed":
+    if trainer.strategy != "deepspeed":
         return None
-    return int(zero_config(cfg)["zero_optimization"]["stage"])
+    return int(zero_config(trainer, 1)["zero_optimization"]["stage"])
 
 
-def optimizer_class(cfg: DictConfig) -> type | None:
+def optimizer_class(trainer: TrainerConfig) -> type | None:
     """The optimizer DeepSpeed accepts for this config; None means torch.optim.AdamW.
 
     With `offload_optimizer` DeepSpeed refuses any client optimizer but its own CPU Adam
@@ -118,10 +104,9 @@ def optimizer_class(cfg: DictConfig) -> type | None:
     `zero_force_ds_cpu_optimizer`, default true). DeepSpeedCPUAdam takes AdamW's arguments
     (params, lr, betas, eps, weight_decay) and is AdamW by default (`adamw_mode=True`), the
     optimizer LLaVA's zero3_offload.json asks for. It compiles its CPU kernel on first use."""
-    if zero_stage(cfg) is None:
+    if zero_stage(trainer) is None:
         return None
-    block = settings_block(cfg.trainer, "deepspeed", DEEPSPEED_KEYS)
-    if not block.get("offload_optimizer"):
+    if not (trainer.deepspeed and trainer.deepspeed.offload_optimizer):
         return None
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -176,7 +161,7 @@ def deepspeed_strategy_class() -> type:
 def deepspeed_strategy(
     config: dict[str, Any], strategy_class: type | None = None, **kwargs: Any
 ) -> Any:
-    """The strategy for trainer.strategy=deepspeed: `L.Trainer(strategy=deepspeed_strategy(zero_config(cfg)))`.
+    """The strategy for trainer.strategy=deepspeed: `L.Trainer(strategy=deepspeed_strategy(zero_config(trainer, batch)))`.
 
     Checkpoints exclude frozen parameters. Loading them back works because Lightning calls
     `engine.load_checkpoint(load_module_strict=module.strict_loading)` and VLMModule sets

@@ -1,4 +1,4 @@
-"""`cfg.trainer` -> Lightning Trainer arguments: strategy object, precision, plugins.
+"""`trainer` (a typed `TrainerConfig`) -> Lightning Trainer arguments: strategy, precision.
 
 The trainer presets (conf/trainer/*.yaml) name a strategy in our words:
 
@@ -10,9 +10,10 @@ The trainer presets (conf/trainer/*.yaml) name a strategy in our words:
     deepspeed   Lightning's DeepSpeedStrategy with a ZeRO config built here from
                 `trainer.deepspeed` (the LLaVA zero2/zero3/zero3_offload json files as data)
 
-Keys that are ours, not Lightning's, are removed before `L.Trainer(**kwargs)`: `fsdp`,
-`deepspeed`, `peak_tflops` (MFU denominator) and `emulate_ranks`. Every problem is a
-ConfigError naming the key.
+Keys that are ours, not Lightning's (`fsdp`, `deepspeed`, `peak_tflops`, `emulate_ranks`,
+`extra_callbacks`), never reach `L.Trainer(**kwargs)`. Which keys exist is the schema's
+business (vlmlab.schema.TrainerConfig, checked at composition); values are checked here and
+every problem is a ConfigError naming the key.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from vlmlab import checkpoints
 from vlmlab.errors import ConfigError
+from vlmlab.schema import FsdpConfig, TrainerConfig
 from vlmlab.training.deepspeed import (
     deepspeed_available,
     deepspeed_strategy,
@@ -34,21 +35,22 @@ from vlmlab.training.deepspeed import (
     zero_stage,
 )
 from vlmlab.training.precision import check_precision
-from vlmlab.training.settings import plain as _plain
-from vlmlab.training.settings import settings_block
 
 log = logging.getLogger(__name__)
 
 _METADATA = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint folder
-OUR_KEYS = ("fsdp", "deepspeed", "peak_tflops", "emulate_ranks")
-FSDP_KEYS = {"state_dict", "reshard_after_forward", "wrap", "cpu_offload"}
 FSDP_WRAP = {"llm", "encoder"}
+# `L.Trainer` arguments TrainerConfig declares as fields; the rest are vlmlab's own keys.
+LIGHTNING_FIELDS = (
+    "accelerator", "devices", "num_nodes", "max_steps", "strategy", "precision",
+    "gradient_clip_val", "log_every_n_steps", "enable_progress_bar", "enable_model_summary",
+)  # fmt: skip
 # Precisions FSDP2 handles through MixedPrecisionPolicy; Lightning itself then runs in fp32.
 _FSDP_MIXED = {"bf16-mixed": torch.bfloat16}
 
 
-def strategy_name(trainer: DictConfig) -> str:
-    value = trainer.get("strategy", "auto")
+def strategy_name(trainer: TrainerConfig) -> str:
+    value = trainer.strategy
     if not isinstance(value, str):
         raise ConfigError(
             "trainer.strategy",
@@ -58,20 +60,20 @@ def strategy_name(trainer: DictConfig) -> str:
     return value
 
 
-def world_size(trainer: DictConfig) -> int:
-    devices = trainer.get("devices", 1)
-    if not isinstance(devices, int) or devices < 1:
+def world_size(trainer: TrainerConfig) -> int:
+    devices = trainer.devices
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ConfigError(
             "trainer.devices",
             f"got {devices!r}.",
             "give a positive integer so the global batch can be derived.",
         )
-    return devices * int(trainer.get("num_nodes", 1))
+    return devices * int(trainer.num_nodes)
 
 
-def peak_flops(trainer: DictConfig) -> float | None:
+def peak_flops(trainer: TrainerConfig) -> float | None:
     """Peak FLOP/s of one device for MFU; None (MFU not logged) when the preset gives none."""
-    value = trainer.get("peak_tflops")
+    value = trainer.peak_tflops
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -84,92 +86,87 @@ def peak_flops(trainer: DictConfig) -> float | None:
     return float(value) * 1e12
 
 
-def emulated_ranks(cfg: DictConfig) -> int:
+def emulated_ranks(trainer: TrainerConfig, resume: str | None = None) -> int:
     """`trainer.emulate_ranks: N`: one process reads the data of N ranks (the reference run
-    a distributed run must reproduce); 1 when unset."""
-    value = cfg.trainer.get("emulate_ranks")
+    a distributed run must reproduce); 1 when unset. `resume`: the run's `resume` value."""
+    value = trainer.emulate_ranks
     if value in (None, 1):
         return 1
-    if not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError("trainer.emulate_ranks", f"got {value!r}.", "give an integer >= 1.")
-    if world_size(cfg.trainer) != 1:
+    if world_size(trainer) != 1:
         raise ConfigError(
             "trainer.emulate_ranks",
             f"emulates {value} ranks in one process but trainer.devices x num_nodes = "
-            f"{world_size(cfg.trainer)}.",
+            f"{world_size(trainer)}.",
             "use it with trainer.devices=1 only.",
         )
-    if cfg.get("resume") not in (None, "", "null"):
+    if resume not in (None, "", "null"):
         raise ConfigError(
             "trainer.emulate_ranks", "a rank-emulating run cannot resume.", "set resume=null."
         )
     return value
 
 
-def fsdp_settings(trainer: DictConfig) -> dict[str, Any]:
-    block = settings_block(trainer, "fsdp", FSDP_KEYS)
-    settings = {
-        "state_dict": block.get("state_dict", "sharded"),
-        "reshard_after_forward": bool(block.get("reshard_after_forward", True)),
-        "wrap": list(block.get("wrap", ["llm", "encoder"])),
-        "cpu_offload": bool(block.get("cpu_offload", False)),
-    }
-    if settings["state_dict"] not in ("sharded", "full"):
+def fsdp_settings(trainer: TrainerConfig) -> FsdpConfig:
+    """`trainer.fsdp` with its values checked (defaults when the preset gives none)."""
+    settings = trainer.fsdp or FsdpConfig()
+    if settings.state_dict not in ("sharded", "full"):
         raise ConfigError(
             "trainer.fsdp.state_dict",
-            f"got {settings['state_dict']!r}.",
+            f"got {settings.state_dict!r}.",
             "use sharded (one file per rank, fast) or full (one file gathered on rank 0).",
         )
-    bad = sorted(set(settings["wrap"]) - FSDP_WRAP)
+    bad = sorted(set(settings.wrap) - FSDP_WRAP)
     if bad:
         raise ConfigError(
             "trainer.fsdp.wrap", f"unknown component(s) {bad}.", "choose from llm, encoder."
         )
-    precision = str(trainer.get("precision", "32-true"))
-    on_cpu = trainer.get("accelerator") == "cpu"
-    if precision in ("16-mixed", "16"):
+    if str(trainer.precision) in ("16-mixed", "16"):
         raise ConfigError(
             "trainer.precision",
             "16-mixed (fp16 with a loss scaler) is not supported with FSDP2 here.",
             "use bf16-mixed.",
         )
-    if settings["cpu_offload"] and on_cpu:
+    if settings.cpu_offload and trainer.accelerator == "cpu":
         raise ConfigError(
             "trainer.fsdp.cpu_offload", "offloading to the CPU needs a GPU run.", "set it false."
         )
     return settings
 
 
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """Validated `L.Trainer` keyword arguments from `cfg.trainer` (our keys removed)."""
-    trainer = cfg.trainer
-    kwargs = {k: v for k, v in (_plain(trainer) or {}).items() if k not in OUR_KEYS}
+def trainer_kwargs(trainer: TrainerConfig, micro_batch: int) -> dict[str, Any]:
+    """Validated `L.Trainer` keyword arguments (vlmlab's own keys left out).
+
+    `micro_batch`: `data.batch_size`, which DeepSpeed's config states per GPU."""
+    kwargs = {name: getattr(trainer, name) for name in LIGHTNING_FIELDS}
+    kwargs.update(trainer.lightning)
     world_size(trainer)
     peak_flops(trainer)
     name = strategy_name(trainer)
-    check_precision(str(trainer.get("precision", "32-true")), name)
+    check_precision(str(trainer.precision), name)
     for key, section in (("fsdp", "fsdp"), ("deepspeed", "deepspeed")):
-        if trainer.get(key) and name != section:
+        if getattr(trainer, key) is not None and name != section:
             log.debug("trainer.%s is set but trainer.strategy=%s: ignored", key, name)
     if name == "fsdp":
         settings = fsdp_settings(trainer)
         kwargs["strategy"] = model_parallel_strategy(
             data_parallel_size=world_size(trainer),
             tensor_parallel_size=1,
-            save_distributed_checkpoint=settings["state_dict"] == "sharded",
+            save_distributed_checkpoint=settings.state_dict == "sharded",
             # CPUOffloadPolicy keeps gradients on the CPU: their reduce-scatter needs gloo
-            process_group_backend="cpu:gloo,cuda:nccl" if settings["cpu_offload"] else None,
+            process_group_backend="cpu:gloo,cuda:nccl" if settings.cpu_offload else None,
         )
         if str(kwargs.get("precision")) in _FSDP_MIXED:
             kwargs["precision"] = "32-true"  # FSDP2's MixedPrecisionPolicy does the casting
     elif name == "deepspeed":
-        if trainer.get("accelerator") == "cpu":
+        if trainer.accelerator == "cpu":
             raise ConfigError(
                 "trainer.accelerator",
                 "DeepSpeed trains on GPUs only.",
                 "use trainer=deepspeed_zero2 on a GPU machine, or trainer=fsdp_cpu / ddp on CPU.",
             )
-        config = zero_config(cfg)
+        config = zero_config(trainer, micro_batch)
         if not deepspeed_available():
             raise ConfigError(
                 "trainer.strategy",
@@ -272,24 +269,24 @@ def model_parallel_strategy(**kwargs: Any) -> Any:
     return AtomicModelParallelStrategy(**kwargs)
 
 
-def shards_parameters(cfg: DictConfig) -> bool:
+def shards_parameters(trainer: TrainerConfig) -> bool:
     """FSDP or ZeRO-3: parameters live sharded and every forward all-gathers them collectively,
     so a rank may never skip a unit (VLM.sharded) and rank-0-only generation would hang."""
-    name = strategy_name(cfg.trainer)
-    return name == "fsdp" or (name == "deepspeed" and zero_stage(cfg) == 3)
+    name = strategy_name(trainer)
+    return name == "fsdp" or (name == "deepspeed" and zero_stage(trainer) == 3)
 
 
-def uses_global_token_loss(cfg: DictConfig) -> bool:
+def uses_global_token_loss(trainer: TrainerConfig) -> bool:
     """DeepSpeed owns gradient accumulation and scaling: its loss stays the micro-batch mean."""
-    return strategy_name(cfg.trainer) != "deepspeed"
+    return strategy_name(trainer) != "deepspeed"
 
 
-def fsdp_parallelizer(cfg: DictConfig) -> Callable[[torch.nn.Module, Any], None] | None:
+def fsdp_parallelizer(trainer: TrainerConfig) -> Callable[[torch.nn.Module, Any], None] | None:
     """The `configure_model` body for trainer.strategy=fsdp, or None for other strategies."""
-    if strategy_name(cfg.trainer) != "fsdp":
+    if strategy_name(trainer) != "fsdp":
         return None
-    settings = fsdp_settings(cfg.trainer)
-    dtype = _FSDP_MIXED.get(str(cfg.trainer.get("precision")))
+    settings = fsdp_settings(trainer)
+    dtype = _FSDP_MIXED.get(str(trainer.precision))
 
     def parallelize(root: torch.nn.Module, device_mesh: Any) -> None:
         shard_model(root, device_mesh["data_parallel"], settings, dtype)
@@ -313,7 +310,7 @@ def fsdp_units(root: torch.nn.Module, wrap: list[str]) -> list[torch.nn.Module]:
 def shard_model(
     root: torch.nn.Module,
     mesh: Any,
-    settings: dict[str, Any],
+    settings: FsdpConfig,
     param_dtype: torch.dtype | None = None,
 ) -> None:
     """fully_shard each block, then the root: one all-gather per block, the rest with the root."""
@@ -321,15 +318,15 @@ def shard_model(
 
     kwargs: dict[str, Any] = {
         "mesh": mesh,
-        "reshard_after_forward": settings["reshard_after_forward"],
+        "reshard_after_forward": settings.reshard_after_forward,
     }
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=param_dtype, reduce_dtype=torch.float32
         )
-    if settings.get("cpu_offload"):
+    if settings.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    units = fsdp_units(root, settings["wrap"])
+    units = fsdp_units(root, settings.wrap)
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(root, **kwargs)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vlmlab.errors import ConfigError
 from vlmlab.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Scorer:
 
     name: ClassVar[str] = ""
     prompt: ClassVar[str | None] = None  # appended to the question with --short-answer-prompt
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # setting -> its values, first = default
     example: ClassVar[dict[str, Any]] = {}
     example_right: ClassVar[str] = ""
     example_wrong: ClassVar[str] = ""
@@ -81,6 +83,19 @@ class Scorer:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
             register(cls)
+
+    def __init__(self, **settings: str) -> None:
+        """`settings` pick among `choices` (e.g. vqa `mode`); a missing one takes its default."""
+        for key, value in settings.items():
+            if key not in self.choices:
+                raise ValueError(
+                    f"{self.name} has no setting {key!r} (it has: {sorted(self.choices)})"
+                )
+            if value not in self.choices[key]:
+                raise ValueError(
+                    f"{self.name}.{key} is {value!r}, not one of {', '.join(self.choices[key])}"
+                )
+        self.settings = {key: settings.get(key, values[0]) for key, values in self.choices.items()}
 
     def validate(self, item: Item) -> None:
         """Checks beyond question/answer/image; raise RowError, or fill fields from `item.row`."""
@@ -123,9 +138,41 @@ def registered() -> list[str]:
     return list(discover())
 
 
-def get_scorer(name: str, registry: dict[str, type[Scorer]] | None = None) -> Scorer:
-    """The scorer of a row type; a RowError listing the registered types for an unknown one."""
+Settings = dict[str, dict[str, str]]  # {row type: {setting: value}}, e.g. {"vqa": {"mode": ...}}
+
+
+def get_scorer(
+    name: str, registry: dict[str, type[Scorer]] | None = None, settings: Settings | None = None
+) -> Scorer:
+    """The scorer of a row type with its `settings`; a RowError listing the types for an unknown one."""
     registry = registry if registry is not None else discover()
     if name not in registry:
         raise RowError(f"type {name!r} is not one of {', '.join(registry)}")
-    return registry[name]()
+    return registry[name](**(settings or {}).get(name, {}))
+
+
+def resolve_settings(settings: Settings | None, key: str = "eval.scoring") -> Settings:
+    """Every registered scorer's settings, defaults filled in: what a summary records.
+
+    Why: a score means little without the rule that produced it (VQAv2's modes differ on the
+    same answers), so the summary and the MLflow run carry the resolved values, not just the
+    overrides. An unknown type, setting or value is a ConfigError naming `key`.
+    """
+    registry = discover()
+    given = dict(settings or {})
+    for kind in given:
+        if kind not in registry:
+            raise ConfigError(
+                f"{key}.{kind}", f"no scorer type {kind!r}.", f"use one of {', '.join(registry)}."
+            )
+    resolved: Settings = {}
+    for kind, cls in registry.items():
+        if not cls.choices and not given.get(kind):
+            continue
+        try:
+            resolved[kind] = cls(
+                **{k: str(v) for k, v in dict(given.get(kind) or {}).items()}
+            ).settings
+        except ValueError as err:
+            raise ConfigError(f"{key}.{kind}", str(err), "see the scorer table in README.") from err
+    return resolved

@@ -1,4 +1,12 @@
-"""POPE object probing (`type: pope`): yes/no answers, read as the POPE script reads them."""
+"""POPE object probing (`type: pope`): yes/no answers, read as the POPE script reads them.
+
+Equal, answer for answer and metric for metric, to POPE's `evaluate.py` (AoiDragon/POPE) and
+LLaVA's `llava/eval/eval_pope.py` (tests/test_scorer_references.py runs both). Known, intended
+differences: with no "yes" predicted (or no "yes" label) those scripts divide by zero, here
+precision / recall / F1 are 0.0; LLaVA reports each COCO category (one label file each) on its
+own, here the benchmark file is one table (split files to get categories); their labels are
+"no" or anything else (= yes), here a label must be yes or no (any case) or the row is rejected.
+"""
 
 from __future__ import annotations
 

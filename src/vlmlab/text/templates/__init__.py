@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from vlmlab.text.templates.base import (
     ENV_MODULES,
+    IMAGE_PLACEMENTS,
+    SPECIAL_TEXT_POLICIES,
+    DataText,
     Segment,
     Template,
     Turn,
@@ -20,6 +23,9 @@ from vlmlab.text.templates.base import (
 
 __all__ = [
     "ENV_MODULES",
+    "IMAGE_PLACEMENTS",
+    "SPECIAL_TEXT_POLICIES",
+    "DataText",
     "Segment",
     "Template",
     "Turn",

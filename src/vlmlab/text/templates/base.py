@@ -2,6 +2,9 @@
 
 Rendering to (text, is_target) segments keeps masking correct by construction: the whole
 string is tokenised once and a token is a target exactly when it overlaps a target segment.
+A segment whose text is a `DataText` came from the conversation (a dataset, a chat user): the
+encoder never lets it become a control token (`</s>`, `<|im_end|>` ...), see
+`vlmlab.data.tokenize`. Every built-in template puts each turn's text in a segment of its own.
 
 Registry: a template is one `Template` subclass decorated with `@register`, in one file.
 `discover()` imports every module of `vlmlab.text.templates` (pkgutil), then the modules named
@@ -20,7 +23,23 @@ from vlmlab.registry import Registry
 
 ENV_MODULES = "VLMLAB_TEMPLATES"
 
-Segment = tuple[str, bool]  # (text, is_target)
+Segment = tuple[str, bool]  # (text, is_target); the text is a DataText where it is data
+
+
+class DataText(str):
+    """Text from the conversation, not from the template: tokenised as text, never as the
+    tokenizer's control tokens. A `str`, so code that joins segments needs no change."""
+
+    __slots__ = ()
+
+
+# How `<image>` tags are placed before rendering (`TextEncoder`, `data.image_placement`):
+# `front`: LLaVA's `preprocess_multimodal` (every message holding the tag: tags removed, text
+# stripped, `<image>\n` in front); `as_is`: the tag stays where the text puts it (HF processors).
+IMAGE_PLACEMENTS = ("front", "as_is")
+# What a sample whose text holds a control token's text gets (`data.special_text`):
+# `reject`: skipped and counted (`special_token_text`); `as_text`: tokenised as plain text.
+SPECIAL_TEXT_POLICIES = ("reject", "as_text")
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,10 @@ class Template(ABC):
     # Tokenise the text between `<image>` tags piece by piece, as LLaVA's training code does
     # (`tokenizer_image_token`), instead of the whole string at once as HF processors do.
     image_pieces: ClassVar[bool] = False
+    # Defaults of `data.image_placement` / `data.special_text` for this template (see above):
+    # LLaVA's templates reproduce LLaVA's dataset, the others the HF processors' placement.
+    image_placement: ClassVar[str] = "as_is"
+    special_text: ClassVar[str] = "as_text"
     eos: str = ""  # the tokenizer's end-of-sequence text, where the template writes it
     eot: str = ""  # the text that ends an assistant reply
 
@@ -53,10 +76,15 @@ class Template(ABC):
     def render(self, turns: list[Turn]) -> list[Segment]:
         """Segments (text, is_target) of a whole conversation."""
 
-    def prompt(self, turns: list[Turn]) -> str:
-        """Text for generation: all turns, the last being a human turn, then the assistant cue."""
+    def prompt_segments(self, turns: list[Turn]) -> list[Segment]:
+        """Segments for generation: all turns, the last being a human turn, then the assistant
+        cue (none is a target)."""
         check_prompt_turns(turns)
-        return "".join(text for text, _ in self.render(turns))
+        return self.render(turns)
+
+    def prompt(self, turns: list[Turn]) -> str:
+        """Text for generation (`prompt_segments` joined)."""
+        return "".join(text for text, _ in self.prompt_segments(turns))
 
     @property
     def stop(self) -> str:

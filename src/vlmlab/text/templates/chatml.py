@@ -8,7 +8,7 @@ Source: the `chat_template` of those repos' tokenizer_config.json: a default sys
 
 from __future__ import annotations
 
-from vlmlab.text.templates.base import Segment, Template, Turn, register
+from vlmlab.text.templates.base import DataText, Segment, Template, Turn, register
 
 
 @register
@@ -21,9 +21,10 @@ class ChatMLTemplate(Template):
     def render(self, turns: list[Turn]) -> list[Segment]:
         segments: list[Segment] = [(f"<|im_start|>system\n{self.system}{self.eot}\n", False)]
         for turn in turns:
+            text = DataText(turn.text)
             if turn.role == "human":
-                user = f"<|im_start|>user\n{turn.text}{self.eot}\n<|im_start|>assistant\n"
-                segments.append((user, False))
+                cue = f"{self.eot}\n<|im_start|>assistant\n"
+                segments += [("<|im_start|>user\n", False), (text, False), (cue, False)]
             else:
-                segments += [(turn.text + self.eot, True), ("\n", False)]
+                segments += [(text, True), (self.eot, True), ("\n", False)]
         return segments

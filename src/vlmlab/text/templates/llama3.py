@@ -8,7 +8,7 @@ prompt. `<|begin_of_text|>` is the tokenizer's BOS, added by its post-processor 
 
 from __future__ import annotations
 
-from vlmlab.text.templates.base import Segment, Template, Turn, register
+from vlmlab.text.templates.base import DataText, Segment, Template, Turn, register
 
 
 @register
@@ -23,10 +23,10 @@ class Llama3Template(Template):
     def render(self, turns: list[Turn]) -> list[Segment]:
         segments: list[Segment] = []
         for turn in turns:
-            text = turn.text.strip()  # Jinja `| trim`
+            text = DataText(turn.text.strip())  # Jinja `| trim`
             if turn.role == "human":
-                user = self.header("user") + text + self.eot + self.header("assistant")
-                segments.append((user, False))
+                cue = self.eot + self.header("assistant")
+                segments += [(self.header("user"), False), (text, False), (cue, False)]
             else:
-                segments.append((text + self.eot, True))
+                segments += [(text, True), (self.eot, True)]
         return segments

@@ -10,7 +10,7 @@ of the text; so the text here starts at `[INST]` and the tokenizer adds BOS.
 
 from __future__ import annotations
 
-from vlmlab.text.templates.base import Segment, Template, Turn, register
+from vlmlab.text.templates.base import DataText, Segment, Template, Turn, register
 
 
 @register
@@ -26,8 +26,10 @@ class MistralTemplate(Template):
     def render(self, turns: list[Turn]) -> list[Segment]:
         segments: list[Segment] = []
         for i, turn in enumerate(turns):
+            text = DataText(turn.text)
             if turn.role == "human":
-                segments.append(((" " if i else "") + f"[INST] {turn.text} [/INST]", False))
+                opener = (" " if i else "") + "[INST] "
+                segments += [(opener, False), (text, False), (" [/INST]", False)]
             else:
-                segments.append((f" {turn.text}{self.eos}", True))
+                segments += [(" ", True), (text, True), (self.eos, True)]
         return segments

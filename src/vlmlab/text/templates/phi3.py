@@ -8,7 +8,14 @@ message. No BOS: the template has none and the tokenizer's `add_bos_token` is fa
 
 from __future__ import annotations
 
-from vlmlab.text.templates.base import Segment, Template, Turn, check_prompt_turns, register
+from vlmlab.text.templates.base import (
+    DataText,
+    Segment,
+    Template,
+    Turn,
+    check_prompt_turns,
+    register,
+)
 
 
 @register
@@ -22,15 +29,17 @@ class Phi3Template(Template):
     def _turns(self, turns: list[Turn]) -> list[Segment]:
         segments: list[Segment] = []
         for turn in turns:
+            text = DataText(turn.text)
             if turn.role == "human":
-                segments.append((f"<|user|>\n{turn.text}{self.eot}\n<|assistant|>\n", False))
+                cue = f"{self.eot}\n<|assistant|>\n"
+                segments += [("<|user|>\n", False), (text, False), (cue, False)]
             else:
-                segments += [(turn.text + self.eot, True), ("\n", False)]
+                segments += [(text, True), (self.eot, True), ("\n", False)]
         return segments
 
     def render(self, turns: list[Turn]) -> list[Segment]:
         return [*self._turns(turns), (self.eos, False)]
 
-    def prompt(self, turns: list[Turn]) -> str:
+    def prompt_segments(self, turns: list[Turn]) -> list[Segment]:
         check_prompt_turns(turns)
-        return "".join(text for text, _ in self._turns(turns))
+        return self._turns(turns)

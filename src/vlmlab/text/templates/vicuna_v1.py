@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from vlmlab.text.templates.base import Segment, Template, Turn, register
+from vlmlab.text.templates.base import DataText, Segment, Template, Turn, register
 
 
 @register
 class VicunaV1Template(Template):
     name = "vicuna_v1"
     image_pieces = True
+    image_placement = "front"  # LLaVA's preprocess_multimodal
+    special_text = "reject"  # LLaVA trains nothing on most such samples (see README)
     uses_eos = True
     eos = "</s>"
     system = (
@@ -24,7 +26,11 @@ class VicunaV1Template(Template):
         segments: list[Segment] = [(self.system + " ", False)]
         for turn in turns:
             if turn.role == "human":
-                segments.append((f"USER: {turn.text} ASSISTANT:", False))
+                segments += [
+                    ("USER: ", False),
+                    (DataText(turn.text), False),
+                    (" ASSISTANT:", False),
+                ]
             else:
-                segments.append((f" {turn.text}{self.eos}", True))
+                segments += [(" ", True), (DataText(turn.text), True), (self.eos, True)]
         return segments
