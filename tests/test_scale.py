@@ -111,6 +111,7 @@ def test_fsdp_gpu_preset_builds_model_parallel_strategy(
     assert kwargs["precision"] == "32-true" and kwargs["accelerator"] == "gpu"
     assert kwargs["num_nodes"] == 2 and kwargs["gradient_clip_val"] == 1.0
     ours = {"fsdp", "deepspeed", "peak_tflops", "emulate_ranks", "extra_callbacks", "lightning"}
+    ours.add("fail_after_nonfinite_steps")
     assert not ours & set(kwargs)
     assert strategies.fsdp_parallelizer(_trainer(cfg)) is not None
     assert strategies.peak_flops(_trainer(cfg)) == 312e12

@@ -284,6 +284,7 @@ def test_trainer_schema_covers_lightning_trainer() -> None:
         "deepspeed",
         "peak_tflops",
         "emulate_ranks",
+        "fail_after_nonfinite_steps",
         "extra_callbacks",
         "lightning",
     }

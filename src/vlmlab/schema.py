@@ -284,6 +284,7 @@ class TrainerConfig:
     enable_model_summary: bool = False
     peak_tflops: float | None = None
     emulate_ranks: int | None = None
+    fail_after_nonfinite_steps: int = 3  # skipped non-finite steps in a row that fail a run
     fsdp: FsdpConfig | None = None
     deepspeed: DeepSpeedConfig | None = None
     extra_callbacks: list[dict[str, Any]] = field(default_factory=list)

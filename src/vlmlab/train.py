@@ -6,6 +6,7 @@ Each step is one builder with typed inputs; this module only wires them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -60,6 +61,7 @@ _NOT_IDENTITY = (
     "logger.run_name",
     "debug",
     "trainer.peak_tflops",
+    "trainer.fail_after_nonfinite_steps",  # a run failed on NaNs may resume with another K
 )
 
 
@@ -253,6 +255,8 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         accumulate_grad_batches=accumulation(cfg, ctx.trainer),
         logger=logger if logger is not None else False,
         callbacks=stage_callbacks.callbacks,
+        # last.ckpt written through last.ckpt.tmp + rename; the replaced one kept as .prev
+        plugins=[checkpoints.atomic_checkpoint_io(bool(cfg.checkpoint.keep_previous))],
         default_root_dir=str(launch.lightning_root(ctx.resume_dir)),  # hpc_ckpt_* of this run
     )
     if trainer.is_global_zero:
@@ -432,6 +436,7 @@ def training_module(
         global_token_loss=strategies.uses_global_token_loss(ctx.trainer),
         sharded=strategies.shards_parameters(ctx.trainer),  # every forward runs every sharded unit
         optimizer_cls=optimizer_class(ctx.trainer),  # DeepSpeedCPUAdam under ZeRO-Offload
+        fail_after_nonfinite_steps=ctx.trainer.fail_after_nonfinite_steps,
     )
 
 
@@ -441,7 +446,7 @@ def record_start(
     """Rank zero, before fit: the run state a resume continues, and a fresh run's record."""
     run_id = getattr(logger, "run_id", None)
     init = str(start.init) if start.init else None
-    RunState(init, start.hf_base, run_id).write(ctx.resume_dir)
+    RunState(init, start.hf_base, run_id, final=ctx.state.final).write(ctx.resume_dir)
     if logger is not None and ctx.resume_from is None:
         log_run_start(logger, run_start(cfg, ctx, plan, start))
 
@@ -602,10 +607,22 @@ def save_stage(
         f"{time.strftime('%Y%m%d-%H%M%S')}-stage{cfg.stage.name}-{parts}-"
         f"{time.time_ns() % 10**6:06d}"
     )
-    path = checkpoints.save_trainable(model, ctx.ckpt_root / name, meta, final_weights)
+    # Finishing is idempotent: the final folder is named in run.json before it is written, and
+    # FINISHED comes last; a run killed in between resumes into the same folder (one run, one
+    # final checkpoint, one MLflow run).
+    path = Path(ctx.state.final) if complete and ctx.state.final else ctx.ckpt_root / name
+    if complete and (path / checkpoints.META).is_file():
+        log.info("stage checkpoint %s was saved before an interruption: kept", path)
+        result["metrics"] = checkpoints.read_meta(path).metrics
+    else:
+        if complete:
+            dataclasses.replace(RunState.read(ctx.resume_dir), final=str(path)).write(
+                ctx.resume_dir
+            )
+        path = checkpoints.save_trainable(model, path, meta, final_weights)
     result["checkpoint"] = str(path)
-    if complete:
-        (ctx.resume_dir / "FINISHED").write_text(result["checkpoint"] + "\n")
     if logger is not None:
         log_checkpoint(logger, path, checkpoints.read_meta(path))
+    if complete:
+        (ctx.resume_dir / "FINISHED").write_text(result["checkpoint"] + "\n")
     return result

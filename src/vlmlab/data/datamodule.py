@@ -300,6 +300,7 @@ class VLMDataModule(L.LightningDataModule):
         self.batches_done = 0  # in the current epoch, counted by StreamPosition
         self._resume_batches = 0
         self._resume_epoch = -1
+        self._loader_seed = torch.Generator()  # see `_seeded_for`
 
     def prepare_data(self) -> None:
         if self._prepare is not None:
@@ -322,16 +323,37 @@ class VLMDataModule(L.LightningDataModule):
         """Micro-batches every rank yields per epoch, exactly (sizes the LR schedule)."""
         return batches_per_rank(self.mixture().num_samples(), world_size, self.batch_size)
 
+    def _seeded_for(self, epoch: int) -> torch.Generator:
+        """The DataLoader's own generator, seeded by (seed, epoch).
+
+        Why: a DataLoader draws its workers' base seed from its generator each time an epoch's
+        iterator is made; without one it draws from the global generator, which dropout uses.
+        A run resumed at an epoch boundary makes that iterator at another moment than the
+        uninterrupted run (before restoring the saved random state, not after the save), so
+        its dropout stream, and its weights, would differ.
+        """
+        return self._loader_seed.manual_seed(self.seed * 1_000_003 + epoch)
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.batches_done = 0
         self.epoch = epoch
+        self._seeded_for(epoch)
         if self._train is not None:
             self._train.set_epoch(epoch)
             self._train.skip_batches = self._resume_batches if epoch == self._resume_epoch else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in Lightning checkpoints: where the stream stands, so resume neither replays nor skips."""
+        """Saved in Lightning checkpoints: where the stream stands, so resume neither replays nor skips.
+
+        After an epoch's last batch (its step checkpoint, its epoch-end checkpoint) the stream
+        stands at the start of the next epoch. Saved as (epoch, all batches done), a resume would
+        build its first loader for the finished epoch: Lightning creates that iterator before
+        `on_train_epoch_start` (and, resuming at an epoch boundary, never again), so the next
+        epoch would yield nothing and be skipped whole.
+        """
+        if self.batches_done >= self.batches_per_epoch(self._world()[1]):
+            return {"epoch": self.epoch + 1, "batches_done": 0}
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -381,6 +403,7 @@ class VLMDataModule(L.LightningDataModule):
             # would never reach it and epoch 2 would replay epoch 1's order. Workers start anew
             # each epoch (LLaVA stages run one epoch, so this costs one start per stage).
             persistent_workers=False,
+            generator=self._seeded_for(self.epoch),  # not the global (dropout) generator
         )
 
 

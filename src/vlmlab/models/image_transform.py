@@ -10,6 +10,7 @@ default torchvision backend resamples slightly differently): CLIP resizes the sh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -66,12 +67,20 @@ class ImageTransform:
     def normalize(self, image: Image.Image) -> torch.Tensor:
         """RGB uint8 -> (3, H, W) float32 via a per-channel lookup table: the same float32
         arithmetic as `(x / 255 - mean) / std` (bit-identical), about 3x faster."""
-        table = _normalize_table(tuple(self.mean), tuple(self.std))
-        planes = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)) + _CHANNEL_OFFSETS
-        return torch.from_numpy(table[planes])
+        planes = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+        return normalize_planes(planes, self.mean, self.std)
 
 
 _CHANNEL_OFFSETS = np.array([0, 256, 512], dtype=np.uint16)[:, None, None]
+
+
+def normalize_planes(
+    planes: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 `(x / 255 - mean) / std`, bit-identical, by table lookup
+    (one lookup for a whole stack of images, e.g. AnyRes tiles)."""
+    table = _normalize_table(tuple(mean), tuple(std))
+    return torch.from_numpy(table[planes + _CHANNEL_OFFSETS])
 
 
 @lru_cache(maxsize=16)

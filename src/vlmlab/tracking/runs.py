@@ -49,11 +49,14 @@ def checkpoint_of_run(reference: str, tracking_uri: str | None, key: str) -> Pat
 
 @dataclass(frozen=True)
 class RunState:
-    """`<resume dir>/run.json`: what a resumed run continues (its start and its MLflow run)."""
+    """`<resume dir>/run.json`: what a resumed run continues (its start, its MLflow run, and
+    the final checkpoint folder it names before writing it: a run killed after that write
+    resumes into the same folder, so one run has one final checkpoint)."""
 
     init: str | None = None  # the checkpoint the stage started from
     hf_base: str | None = None  # the HF Llava folder it started from
     mlflow_run_id: str | None = None
+    final: str | None = None  # the stage checkpoint folder of this run, once named
 
     @classmethod
     def read(cls, folder: Path) -> RunState:
@@ -61,8 +64,11 @@ class RunState:
         if not path.is_file():
             return cls()
         data = json.loads(path.read_text())
-        return cls(**{k: data.get(k) for k in ("init", "hf_base", "mlflow_run_id")})
+        return cls(**{k: data.get(k) for k in ("init", "hf_base", "mlflow_run_id", "final")})
 
     def write(self, folder: Path) -> None:
+        """Atomically (a kill mid-write leaves the previous state, never a torn file)."""
         Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / RUN_STATE).write_text(json.dumps(asdict(self)))
+        tmp = Path(folder) / (RUN_STATE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, Path(folder) / RUN_STATE)

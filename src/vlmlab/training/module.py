@@ -7,6 +7,10 @@ scheduler and loop state), so resuming a stage-1 run of a 7B model reads megabyt
 No host synchronisation per micro-batch: counts arrive as Python ints from collate, losses stay
 on the device, and the one collective of an optimizer step (token count, loss sum, padding) is
 issued once, after the step's last backward, without a barrier.
+
+Numerical guards (training/guards.py): before each optimizer step every rank contributes one
+flag (its loss or gradient norm is not finite) to a small all-reduce, read on the host once per
+optimizer step; when any rank's is set, all ranks skip the step together.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ import torch
 
 from vlmlab.errors import ConfigError
 from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.training.guards import (
+    NonFiniteError,
+    NonFiniteGuard,
+    check_fail_after,
+    nonfinite_flag,
+    nonfinite_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +68,13 @@ class VLMModule(L.LightningModule):
         global_token_loss: bool = True,
         sharded: bool = False,
         optimizer_cls: Callable[..., torch.optim.Optimizer] | None = None,
+        fail_after_nonfinite_steps: int = 3,
     ) -> None:
         """`sharded`: FSDP / ZeRO-3, where every forward must run the whole model (vision branch
         included) so that the parameter all-gathers of all ranks stay in step. `optimizer_cls`:
-        AdamW by default (DeepSpeed's CPU Adam for ZeRO-Offload), called with the same arguments."""
+        AdamW by default (DeepSpeed's CPU Adam for ZeRO-Offload), called with the same arguments.
+        `fail_after_nonfinite_steps`: non-finite optimizer steps in a row that fail the run
+        (each one is skipped; trainer.fail_after_nonfinite_steps)."""
         super().__init__()
         self.model = model
         self.model.sharded = sharded
@@ -73,6 +87,9 @@ class VLMModule(L.LightningModule):
         self._step_slots = 0
         self._step_loss_sum: torch.Tensor | None = None  # sum of token losses, on the device
         self._step_pending = False
+        self._step_total: torch.Tensor | None = None  # all-reduced loss sum of the step
+        self._step_ids: list[str] = []  # this rank's sample ids of the step (for the guard)
+        self.nonfinite = NonFiniteGuard(check_fail_after(fail_after_nonfinite_steps))
         # global token-mean loss of the last step: a device tensor (read it with float())
         self.last_step_loss: torch.Tensor | None = None
         self.optim = optim
@@ -111,6 +128,7 @@ class VLMModule(L.LightningModule):
         self._step_pad += int(batch.get("num_pad_tokens", 0))  # Python ints from collate
         self._step_slots += int(batch.get("num_tokens", 0))
         self._step_pending = True
+        self._step_ids.extend(str(i) for i in batch.get("ids") or ())
         batch_size = batch["input_ids"].shape[0]
         if batch_size == 0:  # every sample of the batch was bad (counted above)
             return self._empty_step_loss()
@@ -138,6 +156,39 @@ class VLMModule(L.LightningModule):
         # returned None), so on_after_backward did not close the step
         if self._step_pending and not self.trainer.fit_loop._should_accumulate():
             self._finish_step()
+        self._guard_step()
+
+    def _guard_step(self) -> None:
+        """Skip this optimizer step on every rank when any rank's loss or gradient norm is not
+        finite: gradients become None, so AdamW changes no weight and no state (its step count
+        included); clipping sees no gradient. Lightning still counts the step and steps the LR
+        scheduler: schedule, global step and data position stay in lockstep for resume.
+
+        Module hooks run after the callbacks' `on_before_optimizer_step` (GradNorm logs the bad
+        norm first) and before Lightning clips. Under DeepSpeed the engine owns the gradients
+        and its step cannot be skipped from here: the step is counted and K in a row fail.
+        """
+        total, self._step_total = self._step_total, None
+        ids, self._step_ids = self._step_ids, []
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        flag = nonfinite_flag(total, grads).to(self.device).reshape(1)
+        bad = bool(_all_reduce_sum(flag).item() > 0)  # the one host read of the guard
+        step = self.trainer.global_step
+        if bad:
+            for param in self.parameters():
+                param.grad = None
+            step_ids = [i for rank_ids in _gather_objects(ids) for i in rank_ids]
+            self.nonfinite.record(step, True, step_ids)  # raises at the K-th in a row
+        else:
+            self.nonfinite.record(step, False, [])
+        self.log(
+            "train/skipped_nonfinite",
+            float(self.nonfinite.total),
+            on_step=True,
+            on_epoch=False,
+            reduce_fx="max",
+            batch_size=1,
+        )
 
     def _set_gradient_sync(self) -> None:
         """FSDP2: reduce-scatter gradients on the step's last micro-batch only.
@@ -174,6 +225,7 @@ class VLMModule(L.LightningModule):
         self._step_tokens, self._step_pad, self._step_slots = 0, 0, 0
         self._step_loss_sum, self._step_pending = None, False
         tokens, pad, slots, total = stats.unbind()
+        self._step_total = total  # NaN / inf on every rank when any rank's loss was
         self.log("train/target_tokens", tokens, on_step=True, on_epoch=False, batch_size=1)
         padding = pad / slots.clamp_min(1)
         self.log("data/padding_fraction", padding, on_step=True, on_epoch=False, batch_size=1)
@@ -266,6 +318,13 @@ class VLMModule(L.LightningModule):
         """Every rank calls this (Lightning's save is collective): each rank's random state and
         bad-sample counts are gathered into `per_rank`, indexed by global rank."""
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        weights = [p for p in self.model.parameters() if p.requires_grad]
+        if _all_reduce_sum(nonfinite_weights(weights).to(self.device).reshape(1)).item() > 0:
+            # the previous checkpoint stays the resume point (every rank raises together)
+            raise NonFiniteError(
+                f"trainable weights are not finite at step {checkpoint.get('global_step')}: this "
+                "checkpoint is not written; the previous one stays the resume point."
+            )
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
         per_rank = _gather_objects({"rng": _rng_state(self.device), "skipped": dict(self.skipped)})
@@ -276,10 +335,12 @@ class VLMModule(L.LightningModule):
             **self.extra_state,
             "skipped": dict(total),  # all ranks
             "per_rank": per_rank,
+            "nonfinite": self.nonfinite.state_dict(),  # the same on every rank
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("vlmlab", {})
+        self.nonfinite.load_state_dict(state.get("nonfinite") or {})
         rank = self.global_rank
         world = self.trainer.world_size if self._trainer is not None else 1
         per_rank = state.get("per_rank")

@@ -11,7 +11,7 @@ The trainer presets (conf/trainer/*.yaml) name a strategy in our words:
                 `trainer.deepspeed` (the LLaVA zero2/zero3/zero3_offload json files as data)
 
 Keys that are ours, not Lightning's (`fsdp`, `deepspeed`, `peak_tflops`, `emulate_ranks`,
-`extra_callbacks`), never reach `L.Trainer(**kwargs)`. Which keys exist is the schema's
+`fail_after_nonfinite_steps`, `extra_callbacks`), never reach `L.Trainer(**kwargs)`. Which keys exist is the schema's
 business (vlmlab.schema.TrainerConfig, checked at composition); values are checked here and
 every problem is a ConfigError naming the key.
 """
@@ -34,6 +34,7 @@ from vlmlab.training.deepspeed import (
     zero_config,
     zero_stage,
 )
+from vlmlab.training.guards import check_fail_after
 from vlmlab.training.precision import check_precision
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def trainer_kwargs(trainer: TrainerConfig, micro_batch: int) -> dict[str, Any]:
     kwargs.update(trainer.lightning)
     world_size(trainer)
     peak_flops(trainer)
+    check_fail_after(trainer.fail_after_nonfinite_steps)
     name = strategy_name(trainer)
     check_precision(str(trainer.precision), name)
     for key, section in (("fsdp", "fsdp"), ("deepspeed", "deepspeed")):
