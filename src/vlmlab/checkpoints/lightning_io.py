@@ -118,7 +118,7 @@ def is_loadable(path: Path) -> bool:
     if not path.is_file() or not zipfile.is_zipfile(path):
         return False
     try:
-        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # see load_resumable
     except Exception as err:  # any failure to read = not a usable checkpoint
         log.warning("checkpoint %s is not loadable: %s", path, err)
         return False
@@ -228,6 +228,22 @@ def newest_loadable(resume_dir: Path) -> Path | None:
     return None
 
 
+def load_resumable(path: Path, map_location: Any | None = None) -> dict[str, Any]:
+    """A resumable checkpoint, read with `torch.load(weights_only=True)`.
+
+    Why: a checkpoint is a pickle, and unpickling runs whatever callables it names. Ours hold
+    only tensors, numbers, strings and containers of them (trainable weights, optimizer and
+    scheduler state, loop and data positions, RNG states), which torch's weights-only
+    unpickler reads; anything else (a planted payload) is refused with UnpicklingError,
+    never executed.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    state = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    assert isinstance(state, dict)
+    return state
+
+
 def _checkpoint_io_class() -> type:
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -244,6 +260,12 @@ def _checkpoint_io_class() -> type:
             if storage_options is not None:
                 raise TypeError("AtomicCheckpointIO takes no storage_options")
             atomic_torch_save(checkpoint, Path(path), keep_previous=self.keep_previous)
+
+        def load_checkpoint(
+            self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+        ) -> dict[str, Any]:
+            """Always `weights_only=True` (whatever Lightning asks): see `load_resumable`."""
+            return load_resumable(Path(path), map_location)
 
         def remove_checkpoint(self, path: Any) -> None:
             super().remove_checkpoint(path)

@@ -249,7 +249,7 @@ def model_parallel_strategy(**kwargs: Any) -> Any:
                     optim_state_dict=optim_state[key],
                     options=StateDictOptions(cpu_offload=True),
                 )
-            return torch.load(path / _METADATA, weights_only=weights_only)
+            return torch.load(path / _METADATA, weights_only=True)  # never arbitrary pickles
 
         def save_checkpoint(
             self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None
