@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),  # encoder | connector | llm -> VisionLanguageModel, HF export/import
     ("stages",),  # stage policy: what trains
     ("data",),  # shards -> tokenised, masked batches
+    ("curate",),  # vlmlab curate: content filters, duplicates (builds the encoder via models)
     ("checkpoints",),  # stage chain, meta, Lightning IO
     ("training",),  # LightningModule, precision, strategies
     ("tracking",),  # MLflow: the only unit that talks to it; logs results it is handed

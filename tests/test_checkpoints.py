@@ -142,3 +142,35 @@ def test_a_run_reference_resolves_through_tracking_only(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ConfigError, match=r"checkpoint: MLflow run '0{32}' not found"):
         checkpoint_of_run("0" * 32, uri, "checkpoint")
+
+
+def test_a_stage_checkpoint_of_another_config_or_newer_format_is_refused_naming_it(
+    compose_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """init_from a checkpoint whose LLM config differs: the error names the component and each
+    key with both values. A meta.json of a newer format is refused by every reader (init_from
+    names both format numbers; auto skips it); an older meta without the key is format 1."""
+    from vlmlab.train import fingerprints_of, resolve_init
+
+    cfg = compose_cfg("stage=1")
+    root = tmp_path / "checkpoints"
+    _wave1_checkpoint(cfg, root / "old")
+    assert checkpoints.read_meta(root / "old").format == 1  # no key: format 1
+
+    other = compose_cfg(
+        "stage=2", f"stage.init_from={root / 'old'}", "llm.config.num_hidden_layers=3"
+    )
+    with pytest.raises(ConfigError, match=r"^stage\.init_from: ") as raised:
+        resolve_init(other, fingerprints_of(other), root, {}, None)
+    message = str(raised.value)
+    differ = "llm (1 key(s) differ: config.num_hidden_layers: 4 in the checkpoint, 3 in this run)"
+    assert differ in message
+
+    newer = json.loads((root / "old" / checkpoints.META).read_text())
+    newer["format"] = checkpoints.META_FORMAT + 1
+    (root / "old" / checkpoints.META).write_text(json.dumps(newer))
+    refused = f"format {checkpoints.META_FORMAT + 1}; this vlmlab reads format 1"
+    with pytest.raises(ConfigError, match=refused):
+        checkpoints.read_meta(root / "old")
+    fingerprints = {c: checkpoints.component_fingerprint(cfg[c]) for c in COMPONENTS}
+    assert checkpoints.find_latest(root, "1", fingerprints) is None

@@ -20,7 +20,6 @@ from PIL import Image
 from vlmlab.data import convert
 from vlmlab.data.synthetic_llava import write_llava_dataset
 from vlmlab.data.tokenize import TextEncoder
-from vlmlab.data.validate import IMAGE_EXTENSIONS
 from vlmlab.models.llm import build_tokenizer
 from vlmlab.text import IMAGE_TOKEN
 from vlmlab.text.templates import get_template
@@ -54,12 +53,6 @@ def _stamp(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_llava_dataset(tmp_path_factory.mktemp("llava"), 40)
-
-
-def test_image_extensions_are_the_loaders() -> None:
-    from vlmlab.data.datamodule import IMAGE_EXTENSIONS as LOADER_EXTENSIONS
-
-    assert IMAGE_EXTENSIONS == LOADER_EXTENSIONS
 
 
 def test_round_trip_through_the_datamodule(dataset: tuple[Path, Path], tmp_path: Path) -> None:
@@ -366,3 +359,35 @@ def test_presized_shards_give_identical_pixels(dataset: tuple[Path, Path], tmp_p
         else:
             assert torch.equal(pixels, got[sample_id]), sample_id
     assert _shards(json_path, images, tmp_path / "x", "--presize", "nope") == 2
+
+
+def test_sixteen_bit_and_float_images_are_read_as_the_loader_reads_them(tmp_path: Path) -> None:
+    """A 16-bit PNG is stored presized as its top 8 bits, the pixels the loader gives the
+    original (PIL alone clips it to white); a float image (mode F, here TIFF bytes under a .png
+    name) is rejected as `unusable_image` at conversion, as the loader would skip it."""
+    import io
+
+    import numpy as np
+    import torch
+
+    images = tmp_path / "images"
+    images.mkdir()
+    values = np.random.default_rng(0).integers(0, 65536, (24, 40)).astype(np.uint16)
+    Image.fromarray(values).save(images / "deep.png")
+    floats = io.BytesIO()
+    Image.fromarray(np.ones((8, 8), np.float32), "F").save(floats, format="TIFF")
+    (images / "float.png").write_bytes(floats.getvalue())
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "grey"}]
+    entries = [{"id": n, "image": f"{n}.png", "conversations": turns} for n in ("deep", "float")]
+    json_path = tmp_path / "data.json"
+    json_path.write_text(json.dumps(entries))
+    plain, presized = tmp_path / "plain", tmp_path / "presized"
+    assert _shards(json_path, images, plain) == 0
+    assert _shards(json_path, images, presized, "--presize", "tiny") == 0
+    manifest = json.loads((presized / "manifest.json").read_text())
+    assert manifest["num_samples"] == 1 and manifest["rejected"] == {"unusable_image": 1}
+    transform = convert.encoder_transform("tiny")
+    expected, got = _pixels_by_id(plain, transform), _pixels_by_id(presized, transform)
+    assert torch.equal(expected["deep"], got["deep"])
+    eight_bit = Image.fromarray((values >> 8).astype(np.uint8), mode="L")
+    assert torch.equal(got["deep"], transform(eight_bit))

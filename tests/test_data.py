@@ -73,7 +73,7 @@ def _datamodule(
     return VLMDataModule(
         shard_dir,
         _text_encoder(model, tokenizer),
-        model.encoder.image_transform,
+        model.image_processor,
         batch_size=batch_size,
         num_workers=num_workers,
         shuffle_buffer=16,
@@ -245,7 +245,7 @@ def test_batches_have_consistent_shapes(
     model, _ = tiny_model
     dm = _datamodule(tmp_path, tiny_model, batch_size=5)
     seen, images_seen = [], 0
-    size = model.encoder.image_transform.size
+    size = model.encoder.image_size
     for batch in dm.train_dataloader():
         n = len(batch["ids"])
         shape = batch["input_ids"].shape
@@ -254,6 +254,7 @@ def test_batches_have_consistent_shapes(
         num_images = sum(1 for i in batch["ids"] if i.startswith("instruct"))
         if num_images:
             assert batch["pixel_values"].shape == (num_images, 3, size, size)
+            assert batch["image_sizes"] == [(SPEC.image_size, SPEC.image_size)] * num_images
         else:
             assert batch["pixel_values"] is None
         image_slots = int((batch["input_ids"] == model.image_token_id).sum())
@@ -270,7 +271,7 @@ def _rank_loaders(
 ) -> list[torch.utils.data.DataLoader]:
     """What `train_dataloader` builds on each rank of a `world_size` run (seed 0, epoch 0)."""
     model, tokenizer = tiny_model
-    process = SampleProcessor(_text_encoder(model, tokenizer), model.encoder.image_transform)
+    process = SampleProcessor(_text_encoder(model, tokenizer), model.image_processor)
     return [
         torch.utils.data.DataLoader(
             ShardStream(
@@ -433,7 +434,7 @@ def test_skips_at_the_end_of_a_shard_are_reported(
     _, sets = shapes
     bad = _bad_records(sets["instruct"][0]["image"])
     model, tokenizer = tiny_model
-    process = SampleProcessor(_text_encoder(model, tokenizer), model.encoder.image_transform)
+    process = SampleProcessor(_text_encoder(model, tokenizer), model.image_processor)
     # one shard whose last samples are bad, one shard with nothing but bad samples
     tail = [*sets["instruct"][:2], bad["missing_image"], bad["corrupt_image"]]
     write_shards(tail, bad_image_root, tmp_path / "tail", samples_per_shard=10)
@@ -491,7 +492,7 @@ def test_hand_made_tar_with_garbage_image_is_skipped(
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     model, tokenizer = tiny_model
-    process = SampleProcessor(_text_encoder(model, tokenizer), model.encoder.image_transform)
+    process = SampleProcessor(_text_encoder(model, tokenizer), model.image_processor)
     # no manifest: the sample counts come from scanning the tar
     stream = ShardStream(
         Mixture([Source("hand", tmp_path)], seed=0), process, 4, shuffle=False, shuffle_buffer=1
@@ -512,7 +513,7 @@ def test_plain_template_skips_multi_turn_samples(
     write_shards([good[0], multi, good[1]], root / "images", tmp_path, samples_per_shard=10)
     model, tokenizer = tiny_model
     process = SampleProcessor(
-        _text_encoder(model, tokenizer, template="plain"), model.encoder.image_transform
+        _text_encoder(model, tokenizer, template="plain"), model.image_processor
     )
     stream = ShardStream(
         Mixture([Source("align", tmp_path)], seed=0), process, 8, shuffle=False, shuffle_buffer=1
@@ -558,7 +559,7 @@ def test_collate_real_samples(
 ) -> None:
     root, sets = shapes
     model, tokenizer = tiny_model
-    process = SampleProcessor(_text_encoder(model, tokenizer), model.encoder.image_transform)
+    process = SampleProcessor(_text_encoder(model, tokenizer), model.image_processor)
     raws = [
         {
             "__key__": r["id"],

@@ -100,7 +100,8 @@ def _expected_trainable(cfg: DictConfig, model: Any) -> dict[str, int]:
         module = getattr(model, name)
         never = _count(backbone_of(module, name).unused_parameters()) if name != "connector" else 0
         whole = name in train and name not in freeze
-        expected[name] = _count(module.parameters()) - never if whole else 0
+        attached = stages.policy.attached_parameters(model, name)  # AnyRes image_newline
+        expected[name] = _count([*module.parameters(), *attached]) - never if whole else 0
     lora = stage.get("lora")
     if lora:
         expected[lora["target"]] += _lora_parameters(getattr(model, lora["target"]), lora)
@@ -134,7 +135,14 @@ def test_experiment_stage_builds_on_meta(
     expected = _expected_trainable(cfg, model)
     plan = stages.apply(cfg.stage, model, machine_checks=False)
     got = {
-        name: _count(p for p in getattr(model, name).parameters() if p.requires_grad)
+        name: _count(
+            p
+            for p in [
+                *getattr(model, name).parameters(),
+                *stages.policy.attached_parameters(model, name),
+            ]
+            if p.requires_grad
+        )
         for name in ("encoder", "connector", "llm")
     }
     assert got == expected

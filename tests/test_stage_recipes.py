@@ -486,7 +486,10 @@ def test_init_from_mismatch_and_policy_problems_in_one_message(
     with pytest.raises(ConfigError) as err:
         train(cfg)
     message = str(err.value)
-    assert "different connector" in message and "'no_such_module' matches no parameter" in message
+    assert (
+        "another component config: connector" in message
+        and "'no_such_module' matches no parameter" in message
+    )
 
 
 def test_continue_training_from_an_hf_llava_folder(

@@ -50,7 +50,7 @@ def _real_batch(cfg: DictConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
     dm = VLMDataModule(
         resolve_dataset(typed(cfg.data, DataConfig), str(cfg.stage.dataset))["shard_dir"],
         encoder,
-        model.encoder.image_transform,
+        model.image_processor,
         batch_size=4,
         shuffle_buffer=4,
     )

@@ -89,5 +89,5 @@ def test_init_from_checkpoint_of_other_composition_is_rejected(compose_cfg) -> N
     cfg = compose_cfg(
         "stage=2", "connector=mlp", "logger=none", f"stage.init_from={first['checkpoint']}"
     )
-    with pytest.raises(ConfigError, match="different connector"):
+    with pytest.raises(ConfigError, match="another component config: connector"):
         train(cfg)

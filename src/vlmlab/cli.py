@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -61,9 +62,17 @@ VERBS: dict[str, Verb] = {
         "table (mean ± std over seeds) and plot of an MLflow experiment: vlmlab report --experiment NAME",
         "vlmlab.tracking.report:main",
     ),
+    "tracking": Verb(
+        "send what runs journaled while their MLflow server was away: vlmlab tracking sync [--root DIR]",
+        "vlmlab.tracking.journal:main",
+    ),
     "shards": Verb(
         "LLaVA JSON + images -> validated WebDataset shards + manifest: vlmlab shards JSON --image-root DIR --out DIR",
         "vlmlab.data.convert:main",
+    ),
+    "curate": Verb(
+        "filter + deduplicate LLaVA JSON, with a report: vlmlab curate JSON --image-root DIR --out DIR [key=value]",
+        "vlmlab.curate.cli:main",
     ),
 }
 
@@ -242,7 +251,8 @@ def export(argv: list[str]) -> int:
     except ConfigError as err:
         log.error("configuration error: %s", err)
         return 2
-    log.info("load it with LlavaForConditionalGeneration.from_pretrained(%r)", str(out))
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    log.info("load it with %s.from_pretrained(%r)", arch, str(out))
     return 0
 
 

@@ -288,8 +288,8 @@ def _activation_bytes(
     if any(p.requires_grad for p in model.encoder.parameters()):
         vision = next(model.encoder.parameters())
         layers = len(_blocks(model.encoder, "encoder"))
-        total += stack(
-            micro_batch * model.encoder.num_tokens,
+        total += stack(  # every tile of the largest image goes through the encoder (AnyRes)
+            micro_batch * model.encoder.num_tokens * _image_tiles(model),
             model.encoder.hidden_size,
             layers,
             "encoder" in checkpointed,
@@ -300,14 +300,21 @@ def _activation_bytes(
     return total
 
 
+def _image_tiles(model: Any) -> int:
+    """Encoder passes per image at the largest grid: 1 (pad), 1 + rows x cols (AnyRes)."""
+    return int(getattr(model, "max_image_tiles", 1))
+
+
 def _dtypes(
     model: Any, quantized: set[int], bits: int | None, frozen_dtype: str | None
 ) -> dict[str, dict[str, int]]:
     """component -> dtype as held in training -> parameter count (`frozen_dtype`: DeepSpeed's module dtype)."""
+    from vlmlab.stages.policy import attached_parameters
+
     out: dict[str, dict[str, int]] = {}
     for name in COMPONENTS:
         counts: dict[str, int] = {}
-        for param in getattr(model, name).parameters():
+        for param in [*getattr(model, name).parameters(), *attached_parameters(model, name)]:
             if id(param) in quantized:
                 key = f"int{bits}"
             elif frozen_dtype:
@@ -467,6 +474,7 @@ def plan(
     training would refuse before building (QLoRA under FSDP or ZeRO-3) raises here too.
     """
     from vlmlab import stages
+    from vlmlab.stages.policy import attached_parameters
     from vlmlab.training.precision import apply_master_weights
 
     started = time.perf_counter()
@@ -487,11 +495,18 @@ def plan(
     apply_master_weights(model, precision, _precision_strategy(chosen), shard_units=units)
     components = {}
     for name in COMPONENTS:
-        module = getattr(model, name)
+        params = [*getattr(model, name).parameters(), *attached_parameters(model, name)]
         components[name] = {
-            "total": sum(p.numel() for p in module.parameters()),
-            "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
         }
+    max_length = int(cfg.data.get("max_length", 2048))
+    largest = int(model.image_token_counter().max_count)
+    if largest >= max_length:
+        info["notes"].append(
+            f"the largest image gives {largest} tokens, data.max_length is {max_length}: such "
+            "samples cannot fit; raise data.max_length or lower encoder.anyres.max_tiles."
+        )
     memory = estimate_memory(
         model,
         strategy=chosen,
@@ -518,6 +533,8 @@ def plan(
         "params_trainable": sum(c["trainable"] for c in components.values()),
         "components": components,
         "image_tokens": int(model.image_token_counter().max_count),  # the largest image
+        "image_tiles": _image_tiles(model),  # its encoder passes (AnyRes: overview + grid)
+        "image_strategy": str(getattr(model, "image_strategy", "pad")),
         "vocab_size": info["vocab_size"],
         "vocab_source": info["vocab_source"],
         "memory": asdict(memory),
@@ -532,6 +549,15 @@ def _checkpointing_line(mem: dict[str, Any]) -> str:
         return "activation checkpointing: off (stage.gradient_checkpointing=false)"
     on = ", ".join(mem["checkpointed"]) or "none (nothing trains)"
     return f"activation checkpointing: {on} (stage.gradient_checkpointing=true; every component gradients flow through)"
+
+
+def _image_line(result: dict[str, Any]) -> str:
+    if result.get("image_strategy", "pad") == "pad":
+        return f"image tokens per sample: {result['image_tokens']}"
+    return (
+        f"image tokens per sample: up to {result['image_tokens']} (encoder.image=anyres, the "
+        f"largest grid: {result['image_tiles']} tiles through the encoder)"
+    )
 
 
 def format_plan(result: dict[str, Any]) -> str:
@@ -557,7 +583,7 @@ def format_plan(result: dict[str, Any]) -> str:
     lines = [
         f"plan: {parts or 'composition'} (stage {result['stage']})",
         format_table(rows),
-        f"image tokens per sample: {result['image_tokens']}",
+        _image_line(result),
         f"vocabulary: {result['vocab_size']} ({result['vocab_source']})",
         "",
         f"master weights: {mem['master_weights']}",

@@ -54,8 +54,26 @@ class ImageTransformConfig:
 
 
 @dataclass
+class AnyResConfig:
+    """`encoder.anyres` (read when `encoder.image: anyres`): LLaVA-NeXT tiling, models/anyres.py.
+
+    The tile size is the encoder's `image_size`. `grid_pinpoints`: a list of [a, b] pixel pairs
+    (multiples of the tile size; (height, width) in mode transformers, (width, height) in mode
+    llava, exactly as each reference reads them) or the range form "(1x1),...,(3x3)".
+    """
+
+    grid_pinpoints: Any = "(1x1),...,(2x2)"  # list of [a, b] pairs | "(1x1),...,(NxM)"
+    mode: str = "transformers"  # transformers (HF export/eval equal) | llava (LLaVA-NeXT's own)
+    newline: bool = True  # a learned image_newline after every row of the tile grid
+    max_tiles: int | None = None  # drop pinpoints with more tiles (bounds encoder work)
+    pool_budget_tiles: int | None = None  # LLaVA-OneVision anyres_max_N pooling; None: off
+
+
+@dataclass
 class EncoderConfig:
-    """`_target_: vlmlab.models.encoder.build_encoder`: HFVisionEncoder or TimmVisionEncoder."""
+    """`_target_: vlmlab.models.encoder.build_encoder`: HFVisionEncoder or TimmVisionEncoder.
+
+    `image` and `anyres` are read by `build_vlm` (the VLM's image strategy), not the encoder."""
 
     _target_: str = "vlmlab.models.encoder.build_encoder"
     family: str = "clip"
@@ -72,6 +90,8 @@ class EncoderConfig:
     dtype: str = "float32"
     attn_implementation: str | None = None
     transform: ImageTransformConfig = field(default_factory=ImageTransformConfig)
+    image: str = "pad"  # pad: one square per image | anyres: LLaVA-NeXT tiles (encoder.anyres)
+    anyres: AnyResConfig = field(default_factory=AnyResConfig)
 
 
 @dataclass
@@ -214,6 +234,11 @@ class LoggerConfig:
     experiment_name: str = "vlmlab"
     run_name: str | None = None
     samples: int = 4
+    # A remote (http) server that goes away: tracking/journal.py
+    http_timeout: int = 10  # seconds per request (MLFLOW_HTTP_REQUEST_TIMEOUT)
+    http_retries: int = 0  # MLflow's retries per request (vlmlab's sender retries itself)
+    retry_interval: float = 5.0  # longest pause between tries while the server is away
+    flush_timeout: float = 30.0  # at the end, seconds to wait for an absent server
 
 
 @dataclass

@@ -27,10 +27,12 @@ from vlmlab.errors import ConfigError
 from vlmlab.eval.callback import BenchmarkEval, SampleAnswers, build_eval_callback
 from vlmlab.logs import setup_logging
 from vlmlab.models import as_dict, build_vlm
+from vlmlab.models.encoder import VLM_KEYS
 from vlmlab.schema import TrainerConfig
 from vlmlab.stages.policy import format_table
 from vlmlab.text.templates import get_template
 from vlmlab.tracking import callbacks as tracking
+from vlmlab.tracking.journal import close_logger
 from vlmlab.tracking.logger import (
     RunIdentity,
     RunStart,
@@ -62,6 +64,10 @@ _NOT_IDENTITY = (
     "debug",
     "trainer.peak_tflops",
     "trainer.fail_after_nonfinite_steps",  # a run failed on NaNs may resume with another K
+    "logger.http_timeout",  # how tracking reaches a server, not what the run computes
+    "logger.http_retries",
+    "logger.retry_interval",
+    "logger.flush_timeout",
 )
 
 
@@ -102,8 +108,9 @@ def accumulation(cfg: DictConfig, trainer: TrainerConfig) -> int:
     return global_batch // per_step
 
 
-def run_key(cfg: DictConfig) -> str:
-    """Identity of a run's computation: equal keys may resume each other's checkpoints."""
+def identity_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config that says what a run computes (less _NOT_IDENTITY): hashed into the run key,
+    recorded in every resumable checkpoint and compared on resume (CheckpointIdentity)."""
     data = OmegaConf.to_container(without_hydra(cfg), resolve=True)
     assert isinstance(data, dict)
     for dotted in _NOT_IDENTITY:
@@ -112,6 +119,12 @@ def run_key(cfg: DictConfig) -> str:
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
+    return {str(k): v for k, v in data.items()}
+
+
+def run_key(cfg: DictConfig) -> str:
+    """Identity of a run's computation: equal keys may resume each other's checkpoints."""
+    data = identity_config(cfg)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"stage{cfg.stage.name}-{digest}"
 
@@ -169,11 +182,13 @@ def resolve_init(
             raise ConfigError(
                 "stage.init_from", f"{path} is not a vlmlab checkpoint folder (no meta.json)."
             )
-        differ = checkpoints.differing_components(checkpoints.read_meta(path), fingerprints)
+        configs = {c: as_dict(cfg[c]) for c in COMPONENTS}
+        differ = checkpoints.describe_differences(
+            checkpoints.read_meta(path), fingerprints, configs
+        )
         if differ:
             raise ConfigError(
-                "stage.init_from",
-                f"{path} was trained with a different {', '.join(differ)} than this run.",
+                "stage.init_from", f"{path} was trained with another component config: {differ}."
             )
         return path
     found = checkpoints.find_latest(ckpt_root, str(previous), fingerprints)
@@ -235,6 +250,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except BaseException:
         with track_outcome(tracked.logger, tracked.recorder):
             raise
+    finally:  # a journaled logger sends its backlog, or says where it is (logger.flush_timeout)
+        close_logger(tracked.logger)
 
 
 def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
@@ -256,7 +273,12 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         logger=logger if logger is not None else False,
         callbacks=stage_callbacks.callbacks,
         # last.ckpt written through last.ckpt.tmp + rename; the replaced one kept as .prev
-        plugins=[checkpoints.atomic_checkpoint_io(bool(cfg.checkpoint.keep_previous))],
+        plugins=[
+            checkpoints.atomic_checkpoint_io(
+                bool(cfg.checkpoint.keep_previous),
+                checkpoints.CheckpointIdentity.of(identity_config(cfg)),  # refused if another
+            )
+        ],
         default_root_dir=str(launch.lightning_root(ctx.resume_dir)),  # hpc_ckpt_* of this run
     )
     if trainer.is_global_zero:
@@ -311,7 +333,13 @@ def build_model(cfg: DictConfig) -> tuple[Any, Any]:
 
 
 def fingerprints_of(cfg: DictConfig) -> dict[str, str]:
-    return {c: checkpoints.component_fingerprint(cfg[c]) for c in COMPONENTS}
+    """What each component's weights depend on. The encoder's image strategy (`encoder.image`,
+    `encoder.anyres`) changes how pixels reach the tower, not its weights: LLaVA-NeXT's stage 2
+    switches to AnyRes on stage 1's weights."""
+    fps = {c: checkpoints.component_fingerprint(cfg[c]) for c in COMPONENTS}
+    encoder = {k: v for k, v in as_dict(cfg.encoder).items() if k not in VLM_KEYS}
+    fps["encoder"] = checkpoints.component_fingerprint(OmegaConf.create(encoder))
+    return fps
 
 
 def start_and_policy(
@@ -389,7 +417,7 @@ def stage_data(cfg: DictConfig, ctx: RunContext, model: Any, tokenizer: Any) -> 
         data_cfg,
         dataset,
         text_encoder,
-        model.encoder.image_transform,
+        model.image_processor,
         seed=int(cfg.seed),
     )
     datamodule = emulate_ranks(datamodule, strategies.emulated_ranks(ctx.trainer, cfg.resume))
@@ -516,7 +544,7 @@ def build_callbacks(
         heldout, images = dataset["heldout"], dataset["image_root"]
         if samples and heldout is not None and images is not None:
             answers = SampleAnswers(
-                text_encoder, model.encoder.image_transform, heldout, images, num_samples=samples
+                text_encoder, model.image_processor, heldout, images, num_samples=samples
             )
             callbacks += [answers, tracking.LogSamples(answers)]
     recorder = ExceptionRecorder()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from vlmlab.checkpoints.chain import (
     WEIGHTS,
     component_fingerprint,
+    describe_differences,
     differing_components,
     find_latest,
     gather_trainable,
@@ -23,10 +24,13 @@ from vlmlab.checkpoints.chain import (
     trainable_parameters,
 )
 from vlmlab.checkpoints.lightning_io import (
+    CHECKPOINT_FORMAT,
     DEEPSPEED_LATEST,
     DEEPSPEED_TAG,
     PREV_SUFFIX,
     TMP_SUFFIX,
+    CheckpointIdentity,
+    CheckpointWriteError,
     atomic_checkpoint_io,
     atomic_torch_save,
     deepspeed_checkpoint_complete,
@@ -38,22 +42,28 @@ from vlmlab.checkpoints.lightning_io import (
     publish_folder,
     remove_path,
     saved_at,
+    write_error,
 )
-from vlmlab.checkpoints.meta import META, CheckpointMeta, read_meta
+from vlmlab.checkpoints.meta import META, META_FORMAT, CheckpointMeta, read_meta
 from vlmlab.checkpoints.references import is_run_reference, run_id_of
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "DEEPSPEED_LATEST",
     "DEEPSPEED_TAG",
     "META",
+    "META_FORMAT",
     "PREV_SUFFIX",
     "TMP_SUFFIX",
     "WEIGHTS",
+    "CheckpointIdentity",
     "CheckpointMeta",
+    "CheckpointWriteError",
     "atomic_checkpoint_io",
     "atomic_torch_save",
     "component_fingerprint",
     "deepspeed_checkpoint_complete",
+    "describe_differences",
     "differing_components",
     "find_latest",
     "fsync_tree",
@@ -72,4 +82,5 @@ __all__ = [
     "save_trainable",
     "saved_at",
     "trainable_parameters",
+    "write_error",
 ]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,9 +20,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmlab.checkpoints.lightning_io import differences, flat_config, write_error
 from vlmlab.checkpoints.meta import META, CheckpointMeta, read_meta
 from vlmlab.errors import ConfigError
 
@@ -88,12 +91,16 @@ def save_trainable(
         finished_at=time.time(),
     )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / WEIGHTS))
-    record.write(tmp)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
-    os.replace(tmp, out_dir)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp / WEIGHTS))
+        record.write(tmp)
+        os.replace(tmp, out_dir)
+    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, read-only ...
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial folder: give the space back
+        raise write_error(out_dir, err, None, "the stage checkpoint") from err
     log.info("saved %d trainable tensors to %s", len(tensors), out_dir)
     return out_dir
 
@@ -158,6 +165,23 @@ def _load_tensors(model: nn.Module, path: Path) -> None:
 def differing_components(meta: CheckpointMeta, fingerprints: dict[str, str]) -> list[str]:
     """Components the checkpoint recorded with another config than `fingerprints` has."""
     return [c for c, fp in meta.fingerprints.items() if fingerprints.get(c) != fp]
+
+
+def describe_differences(
+    meta: CheckpointMeta, fingerprints: dict[str, str], configs: Mapping[str, Mapping[str, Any]]
+) -> str:
+    """Each component whose config differs from the checkpoint's, with the keys (where the
+    checkpoint recorded its component configs): what a refused `stage.init_from` shows."""
+    parts = []
+    for component in differing_components(meta, fingerprints):
+        recorded = meta.config.get(component)
+        keys = (
+            differences(flat_config(recorded), flat_config(configs.get(component) or {}))
+            if recorded
+            else "its config was not recorded"
+        )
+        parts.append(f"{component} ({keys})")
+    return "; ".join(parts)
 
 
 def find_latest(ckpt_root: Path, stage: str, fingerprints: dict[str, str]) -> Path | None:

@@ -6,14 +6,20 @@ temporary name and rename, and pick the newest checkpoint that actually loads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vlmlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,48 @@ def publish_folder(staged: Path, path: Path) -> None:
     fsync_tree(path.parent, files=False)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission, read-only filesystem).
+
+    Raised instead of torch's `unexpected pos 704 vs 598` (the OSError hides in its context):
+    the message names the path, the reason, what was kept and how to go on.
+    """
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind an error (torch's zip writer raises RuntimeError from one)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def write_error(
+    path: Path, error: BaseException, kept: Path | None, what: str = "checkpoint"
+) -> CheckpointWriteError:
+    """A CheckpointWriteError for `path` that says what to do (`kept`: what stays loadable)."""
+    cause = _os_error(error)
+    errno = cause.errno if cause is not None and cause.errno else 0
+    rust = re.search(r"\(os error (\d+)\)", str(error))  # safetensors: Rust's io::Error
+    errno = errno or (int(rust.group(1)) if rust else 0)
+    reason = f"[Errno {errno}] {os.strerror(errno)}" if errno else str(error)
+    outcome = (
+        f"the previous checkpoint {kept} is kept and `resume=auto` continues from it"
+        if kept is not None
+        else "nothing was replaced"
+    )
+    folder = Path(path).parent
+    err = CheckpointWriteError(
+        f"could not write {what} {path} ({reason}); {outcome}. Fix: free space on, or make "
+        f"writable, the filesystem of {folder} (or set paths.root to a disk with room), "
+        "then rerun the same command with resume=auto.",
+    )
+    err.errno = errno or None  # type: ignore[assignment]  # callers may test ENOSPC ...
+    return err
+
+
 def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = True) -> None:
     """torch.save into `<path>.tmp` beside the target, fsync, then os.replace.
 
@@ -84,23 +132,34 @@ def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = True) -> None:
     replaced checkpoint stays as `<path>.prev` (a hard link: no copy), a fallback for resume.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if keep_previous and path.is_file():
-        prev = path.with_name(path.name + PREV_SUFFIX)
-        staged = path.with_name(path.name + PREV_SUFFIX + TMP_SUFFIX)
-        staged.unlink(missing_ok=True)
-        try:
-            os.link(path, staged)
-            os.replace(staged, prev)
-        except OSError:  # no hard links here: keep no fallback rather than copy gigabytes
-            staged.unlink(missing_ok=True)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if keep_previous and path.is_file():
+            _link_previous(path)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # disk full, no permission, read-only, quota
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a partial file: give the space back
+        raise write_error(path, err, path if path.is_file() else None) from err
     _fsync_dir(path.parent)
+
+
+def _link_previous(path: Path) -> None:
+    """`<path>.prev` -> the checkpoint about to be replaced (a hard link: no copy)."""
+    prev = path.with_name(path.name + PREV_SUFFIX)
+    staged = path.with_name(path.name + PREV_SUFFIX + TMP_SUFFIX)
+    try:
+        staged.unlink(missing_ok=True)
+        os.link(path, staged)
+        os.replace(staged, prev)
+    except OSError:  # no hard links here: keep no fallback rather than copy gigabytes
+        with contextlib.suppress(OSError):
+            staged.unlink(missing_ok=True)
 
 
 def is_loadable(path: Path) -> bool:
@@ -244,28 +303,139 @@ def load_resumable(path: Path, map_location: Any | None = None) -> dict[str, Any
     return state
 
 
+# What a resumable checkpoint holds and means; bump when that changes, so that a checkpoint of
+# another format is refused with both numbers instead of loading into the wrong places.
+CHECKPOINT_FORMAT = 1
+IDENTITY = "vlmlab_identity"  # the checkpoint key of its CheckpointIdentity record
+# Keys a resume may change: where a run writes, and the callbacks a user adds to watch it
+# (a profiler, a snapshot) on top of the run's own; both stay in the run key.
+_NOT_COMPARED = ("paths.", "trainer.extra_callbacks")
+_MAX_LISTED = 12
+
+
+@dataclass(frozen=True)
+class CheckpointIdentity:
+    """What a resumable checkpoint shares with the run that may continue it: the checkpoint
+    format and the run's identity configuration (the config the run key hashes, flattened).
+
+    Why: `resume=<path>` used to load any .ckpt whose tensors fit, so a checkpoint of another
+    configuration (another learning rate, template, data) continued silently, and one of another
+    architecture failed deep in `load_state_dict`. Now both are refused up front, naming the
+    keys that differ.
+    """
+
+    config: dict[str, Any]
+    format: int = CHECKPOINT_FORMAT
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> CheckpointIdentity:
+        """From a nested config mapping (plain containers, resolved)."""
+        return cls(flat_config(config))
+
+    def record(self) -> dict[str, Any]:
+        return {"format": self.format, "config": dict(self.config)}
+
+    def check(self, record: Any, path: Path) -> None:
+        """Refuse a checkpoint of another format or configuration (ConfigError on `resume`)."""
+        fix = (
+            "resume with the configuration and vlmlab version that wrote it, or start fresh "
+            "with resume=null."
+        )
+        if not isinstance(record, Mapping) or "format" not in record:
+            raise ConfigError(
+                "resume",
+                f"{path} has no vlmlab checkpoint-format record: it was written by a vlmlab "
+                f"older than checkpoint format {self.format}, or not by vlmlab.",
+                fix,
+            )
+        if record["format"] != self.format:
+            raise ConfigError(
+                "resume",
+                f"{path} is in checkpoint format {record['format']}; this vlmlab reads format "
+                f"{self.format}.",
+                fix,
+            )
+        theirs, ours = (
+            {k: v for k, v in dict(c).items() if not k.startswith(_NOT_COMPARED)}
+            for c in (record.get("config") or {}, self.config)
+        )
+        differ = differences(theirs, ours)
+        if differ:
+            raise ConfigError(
+                "resume", f"{path} was written by another configuration; {differ}.", fix
+            )
+
+
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config as dotted keys (`stage.optim.lr`); lists stay values."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = list(node) if isinstance(node, tuple) else node
+
+    walk(config, "")
+    return flat
+
+
+def differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
+    """`N key(s) differ: k: <checkpoint's> in the checkpoint, <ours> in this run; ...` ('' if
+    none): what a refusal shows, so the user sees which keys to set back."""
+    keys = sorted(
+        k for k in set(theirs) | set(ours) if theirs.get(k, _ABSENT) != ours.get(k, _ABSENT)
+    )
+    if not keys:
+        return ""
+    shown = [
+        f"{k}: {_shown(theirs.get(k, _ABSENT))} in the checkpoint, "
+        f"{_shown(ours.get(k, _ABSENT))} in this run"
+        for k in keys[:_MAX_LISTED]
+    ]
+    more = f" (first {_MAX_LISTED} shown)" if len(keys) > _MAX_LISTED else ""
+    return f"{len(keys)} key(s) differ{more}: " + "; ".join(shown)
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
+
+
 def _checkpoint_io_class() -> type:
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         """Lightning CheckpointIO whose writes are atomic (see atomic_torch_save)."""
 
-        def __init__(self, keep_previous: bool = True) -> None:
+        def __init__(
+            self, keep_previous: bool = True, identity: CheckpointIdentity | None = None
+        ) -> None:
             super().__init__()
             self.keep_previous = keep_previous
+            self.identity = identity
 
         def save_checkpoint(
             self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
         ) -> None:
             if storage_options is not None:
                 raise TypeError("AtomicCheckpointIO takes no storage_options")
+            if self.identity is not None:
+                checkpoint = {**checkpoint, IDENTITY: self.identity.record()}
             atomic_torch_save(checkpoint, Path(path), keep_previous=self.keep_previous)
 
         def load_checkpoint(
             self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
         ) -> dict[str, Any]:
-            """Always `weights_only=True` (whatever Lightning asks): see `load_resumable`."""
-            return load_resumable(Path(path), map_location)
+            """Always `weights_only=True` (whatever Lightning asks): see `load_resumable`; with
+            an identity, a checkpoint of another format or configuration is refused."""
+            state = load_resumable(Path(path), map_location)
+            if self.identity is not None:
+                self.identity.check(state.get(IDENTITY), Path(path))
+            return state
 
         def remove_checkpoint(self, path: Any) -> None:
             super().remove_checkpoint(path)
@@ -280,6 +450,9 @@ def _checkpoint_io_class() -> type:
     return AtomicCheckpointIO
 
 
-def atomic_checkpoint_io(keep_previous: bool = True) -> Any:
-    """The Lightning plugin: `L.Trainer(plugins=[atomic_checkpoint_io()])`."""
-    return _checkpoint_io_class()(keep_previous=keep_previous)
+def atomic_checkpoint_io(
+    keep_previous: bool = True, identity: CheckpointIdentity | None = None
+) -> Any:
+    """The Lightning plugin: `L.Trainer(plugins=[atomic_checkpoint_io()])`; with `identity`
+    every save records it and every load checks it (see CheckpointIdentity)."""
+    return _checkpoint_io_class()(keep_previous=keep_previous, identity=identity)

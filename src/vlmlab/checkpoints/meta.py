@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmlab.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+# What meta.json + trainable.safetensors mean. A meta without the key is format 1 (every vlmlab
+# before the key); one of a newer format is refused by `read_meta`, never half-understood.
+META_FORMAT = 1
 COMPONENTS = ("encoder", "connector", "llm")
 
 
@@ -43,6 +48,7 @@ class CheckpointMeta:
     finished_at: float = 0.0
     merged_from: str | None = None  # `vlmlab merge`: the checkpoint folded into this folder
     extra: dict[str, Any] = field(default_factory=dict)  # keys this vlmlab does not know: kept
+    format: int = META_FORMAT
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CheckpointMeta:
@@ -57,6 +63,7 @@ class CheckpointMeta:
         values["metrics"] = {k: float(v) for k, v in (values.get("metrics") or {}).items()}
         values["complete"] = bool(values.get("complete", True))
         values["global_step"] = int(values.get("global_step") or 0)
+        values["format"] = int(values.get("format") or 1)
         return cls(**values, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,5 +82,15 @@ class CheckpointMeta:
 
 
 def read_meta(folder: Path) -> CheckpointMeta:
-    """`<folder>/meta.json` as a CheckpointMeta (a checkpoint or a `vlmlab merge` folder)."""
-    return CheckpointMeta.from_dict(json.loads((Path(folder) / META).read_text()))
+    """`<folder>/meta.json` as a CheckpointMeta (a checkpoint or a `vlmlab merge` folder).
+
+    A newer format than this vlmlab reads is refused (ConfigError), naming both numbers."""
+    meta = CheckpointMeta.from_dict(json.loads((Path(folder) / META).read_text()))
+    if meta.format > META_FORMAT:
+        raise ConfigError(
+            "checkpoint format",
+            f"{folder} is a stage checkpoint of format {meta.format}; this vlmlab reads format "
+            f"{META_FORMAT} and older.",
+            "load it with the vlmlab version that wrote it (or a newer one).",
+        )
+    return meta

@@ -24,14 +24,17 @@ def build_datamodule(
     data: DataConfig,
     dataset: ResolvedDataset,
     text_encoder: TextEncoder,
-    image_transform: Callable[[Image.Image], torch.Tensor],
+    image_processor: Callable[[Image.Image], torch.Tensor],
     seed: int,
 ) -> VLMDataModule:
-    """The stage's DataModule with its data prepared (generated when the source generates it)."""
+    """The stage's DataModule with its data prepared (generated when the source generates it).
+
+    `image_processor`: the model's PIL -> tensor callable (`VisionLanguageModel.image_processor`:
+    one tile for `pad`, AnyRes tiles for `anyres`)."""
     datamodule = VLMDataModule(
         dataset["shard_dir"],
         text_encoder,
-        image_transform,
+        image_processor,
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer,

@@ -29,9 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from vlmlab.data.shards import MANIFEST, _add_member
-from vlmlab.data.validate import Accepted, Rejected, Validator, load_entries, validate_all
+from vlmlab.data.validate import (
+    Accepted,
+    Rejected,
+    Validator,
+    decode_image,
+    load_entries,
+    validate_all,
+)
+from vlmlab.models.anyres import AnyResTokens, parse_grid_pinpoints
 from vlmlab.models.image_transform import ImageTransform
-from vlmlab.visual import FixedImageTokens
+from vlmlab.visual import FixedImageTokens, ImageTokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +112,12 @@ def plan_shards(
 
 
 def presized_ppm(payload: bytes, transform: ImageTransform) -> bytes:
-    """The image after the transform's pixel-moving steps, as raw RGB (PPM): the loader's
-    transform then has nothing left to resize and yields the same pixel values, and decoding is
-    a copy (PNG would be 2x smaller but decodes 20x slower, slower than the original JPEG)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(payload)) as image:
-        image.load()
-        out = io.BytesIO()
-        transform.geometry(image).save(out, format="PPM")
+    """The image after the loader's decode step (`decode_image`, pad path: 16-bit to 8-bit) and
+    the transform's pixel-moving steps, as raw RGB (PPM): the loader's transform then has
+    nothing left to resize and yields the same pixel values, and decoding is a copy (PNG would
+    be 2x smaller but decodes 20x slower, slower than the original JPEG)."""
+    out = io.BytesIO()
+    transform.geometry(decode_image(payload, orient=False)).save(out, format="PPM")
     return out.getvalue()
 
 
@@ -314,8 +319,8 @@ def convert(
     return manifest
 
 
-def encoder_transform(preset: str) -> ImageTransform:
-    """The image transform of an encoder preset (conf/encoder/<preset>.yaml), without building it."""
+def _encoder_preset(preset: str, flag: str) -> Any:
+    """conf/encoder/<preset>.yaml as loaded (not composed), or a ConfigError naming `flag`."""
     from omegaconf import OmegaConf
 
     from vlmlab.config import conf_dir
@@ -325,8 +330,27 @@ def encoder_transform(preset: str) -> ImageTransform:
     path = folder / f"{preset}.yaml"
     if not path.is_file():
         choices = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError("--presize", f"no encoder preset {preset!r}.", f"use one of {choices}.")
-    cfg = OmegaConf.load(path)
+        raise ConfigError(flag, f"no encoder preset {preset!r}.", f"use one of {choices}.")
+    return OmegaConf.load(path)
+
+
+def encoder_transform(preset: str) -> ImageTransform:
+    """The image transform of an encoder preset (conf/encoder/<preset>.yaml), without building it.
+
+    Only for `encoder.image: pad`: AnyRes tiles depend on each image's size and the pinpoints,
+    so presizing would store the wrong pixels (and training refuses presized shards for anyres,
+    `datamodule.refuse_presized`)."""
+    from vlmlab.errors import ConfigError
+
+    cfg = _encoder_preset(preset, "--presize")
+    if cfg.get("image", "pad") != "pad":
+        raise ConfigError(
+            "--presize",
+            f"encoder preset {preset!r} has encoder.image={cfg.image}: anyres tiles every image "
+            "at its own size and grid, so shards cannot hold it presized to one square.",
+            "convert without --presize (training reads the original images), or presize for a "
+            "preset with encoder.image=pad.",
+        )
     transform: dict[str, Any] = {str(k): v for k, v in cfg.transform.items()}
     return ImageTransform(
         size=int(cfg.config.image_size),
@@ -334,6 +358,35 @@ def encoder_transform(preset: str) -> ImageTransform:
         std=tuple(transform.pop("std")),
         **transform,
     )
+
+
+def encoder_anyres_tokens(preset: str) -> AnyResTokens:
+    """The AnyRes token counter of an encoder preset's `anyres` block, without building it.
+
+    Tiles are the preset's image_size; a tile gives (image_size // patch_size)**2 tokens, the
+    patch grid that LLaVA-NeXT's connector (mlp2x_gelu, any linear or MLP connector) keeps.
+    Used for the validation lengths (`--max-length`, the manifest's histogram) only; the model
+    counts again when it trains (`VisionLanguageModel.image_token_counter`).
+    """
+    from vlmlab.errors import ConfigError
+
+    cfg = _encoder_preset(preset, "--anyres")
+    tile, patch = int(cfg.config.image_size), int(cfg.config.patch_size)
+    spec = cfg.get("anyres") or {}
+    try:
+        pinpoints = parse_grid_pinpoints(
+            spec.get("grid_pinpoints", "(1x1),...,(2x2)"), tile, spec.get("max_tiles")
+        )
+        return AnyResTokens(
+            pinpoints,
+            tile,
+            tile // patch,
+            mode=spec.get("mode", "transformers"),
+            newline=bool(spec.get("newline", True)),
+            pool_budget_tiles=spec.get("pool_budget_tiles"),
+        )
+    except ValueError as err:
+        raise ConfigError("--anyres", f"preset {preset!r}: {err}") from None
 
 
 def _positive(text: str) -> int:
@@ -382,6 +435,13 @@ def _parser() -> argparse.ArgumentParser:
         help="tokens one image expands to (576: CLIP-L/14 336 px)",
     )
     parser.add_argument(
+        "--anyres",
+        metavar="ENCODER",
+        help="count image tokens as encoder.image=anyres with this encoder preset's `anyres` "
+        "settings (conf/encoder, e.g. clip336): each image by its own size, EXIF orientation "
+        "applied, instead of --image-tokens for every image",
+    )
+    parser.add_argument(
         "--max-length", type=_positive, help="reject samples longer than this many tokens"
     )
     parser.add_argument(
@@ -390,7 +450,8 @@ def _parser() -> argparse.ArgumentParser:
         help="store images already padded/resized for this encoder preset (conf/encoder, e.g. "
         "clip336) as raw RGB (PPM, lossless, about 340 KB per image at 336 px): training skips "
         "the JPEG decode and the resize with identical pixel values; the shards are then tied "
-        "to that encoder's image size",
+        "to that encoder's image size. Not for encoder.image=anyres (tiles depend on each "
+        "image's size): refused there",
     )
     return parser
 
@@ -418,11 +479,23 @@ def main(argv: list[str]) -> int:
     from vlmlab.errors import ConfigError
 
     try:
+        if args.presize and args.anyres:
+            raise ConfigError(
+                "--presize",
+                f"--anyres {args.anyres} counts tiles of each image at its own size, but "
+                "--presize stores every image squared to one tile.",
+                "drop --presize for anyres data (training refuses presized shards there).",
+            )
+        image_tokens: ImageTokenCounter = (
+            encoder_anyres_tokens(args.anyres)
+            if args.anyres
+            else FixedImageTokens(args.image_tokens)
+        )
         validator = Validator.create(
             image_root=args.image_root,
             tokenizer=args.tokenizer,
             template=args.template,
-            image_tokens=FixedImageTokens(args.image_tokens),
+            image_tokens=image_tokens,
             max_length=args.max_length,
         )
         presize = encoder_transform(args.presize) if args.presize else None
@@ -435,7 +508,7 @@ def main(argv: list[str]) -> int:
             "max_shard_bytes": args.max_shard_bytes,
             "tokenizer": args.tokenizer,
             "template": args.template,
-            "image_tokens": args.image_tokens,
+            "image_tokens": f"anyres:{args.anyres}" if args.anyres else args.image_tokens,
             "max_length": args.max_length,
             "presize": (
                 {"encoder": args.presize, **dataclasses.asdict(presize)} if presize else None

@@ -11,7 +11,6 @@ the batches, so they survive DataLoader worker processes and reach the logger.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -28,16 +27,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlmlab.data.grouping import form_batches, padding_counts
 from vlmlab.data.mixture import Mixture, Source
-from vlmlab.data.shards import read_manifest
+from vlmlab.data.shards import MANIFEST, read_manifest
 from vlmlab.data.split import Piece, WorkerPlan, batches_per_rank, plan_worker
-from vlmlab.data.tokenize import BadSample, TextEncoder
+from vlmlab.data.tokenize import UNUSABLE_IMAGE, BadSample, TextEncoder
+from vlmlab.data.validate import IMAGE_EXTENSIONS, decode_image
 from vlmlab.errors import ConfigError
+from vlmlab.models.anyres import AnyResImages, UnusableImageError
 from vlmlab.text import IGNORE_INDEX
 from vlmlab.text.labels import target_positions
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm")  # ppm: `vlmlab shards --presize`
 SHARD_SHORT = "shard_short"  # the manifest promised more samples than the shard holds
 
 
@@ -163,43 +163,64 @@ class ShardStream(IterableDataset):
 
 
 class SampleProcessor:
-    """Raw tar sample -> tensors. Picklable, so it runs inside DataLoader workers."""
+    """Raw tar sample -> tensors. Picklable, so it runs inside DataLoader workers.
+
+    `image_processor` is the model's (`VisionLanguageModel.image_processor`): PIL -> (3, S, S)
+    for `pad`, or AnyRes tiles (1 + rows * cols, 3, S, S) (`AnyResImages`, recognised by type:
+    its images are decoded with their EXIF orientation, `decode_image`). The order is decode ->
+    size -> token count (text) -> pixels: a sample the text side rejects (too long, an image
+    AnyRes cannot tile) is skipped before any tile is cut.
+    """
 
     def __init__(
-        self, text_encoder: TextEncoder, image_transform: Callable[[Image.Image], torch.Tensor]
+        self, text_encoder: TextEncoder, image_processor: Callable[[Image.Image], torch.Tensor]
     ) -> None:
         self.text_encoder = text_encoder
-        self.image_transform = image_transform
+        self.image_processor = image_processor
+        self.anyres = isinstance(image_processor, AnyResImages)
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         try:
             record = json.loads(raw["json"])
         except (KeyError, ValueError) as err:
             raise BadSample("bad_json", str(err)) from err
-        pixel_values, image_size = None, None
+        image, image_size = None, None
         if record.get("image"):
             payload = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
             if payload is None:
                 raise BadSample("missing_image", str(record.get("image")))
-            try:
-                with Image.open(io.BytesIO(payload)) as image:
-                    image.load()
-                    image_size = image.size  # the decoded size decides the token count
-                    pixel_values = self.image_transform(image)
-            except (OSError, ValueError) as err:
-                raise BadSample("corrupt_image", str(err)) from err
+            image = decode_image(payload, orient=self.anyres)
+            image_size = image.size  # the decoded size decides the token count
         encoded = self.text_encoder.encode(
             record.get("conversations") or [],
-            has_image=pixel_values is not None,
+            has_image=image is not None,
             image_size=image_size,
         )
-        return {"id": record.get("id", raw.get("__key__")), "pixel_values": pixel_values, **encoded}
+        pixel_values = None
+        if image is not None:
+            try:
+                pixel_values = self.image_processor(image)
+            except UnusableImageError as err:
+                raise BadSample(UNUSABLE_IMAGE, str(err)) from err
+            except (OSError, ValueError) as err:
+                raise BadSample("corrupt_image", str(err)) from err
+        return {
+            "id": record.get("id", raw.get("__key__")),
+            "pixel_values": pixel_values,
+            "image_size": image_size,
+            **encoded,
+        }
 
 
 def collate(
     samples: list[dict[str, Any]], pad_token_id: int, image_token_id: int | None = None
 ) -> dict[str, Any]:
-    """Right-pad ids/labels; stack images of the samples that have one, in order.
+    """Right-pad ids/labels; join the images of the samples that have one, in order.
+
+    `pixel_values`: (images, 3, S, S) stacked for single-tile images; AnyRes tiles (each image
+    (1 + rows * cols, 3, S, S)) are concatenated along dim 0, and the model splits them again by
+    `image_sizes`: the (width, height) of every image in order, as decoded (the size its token
+    count was computed from).
 
     `num_pad_tokens` / `num_tokens` (and their ratio `padding_fraction`) measure what length
     grouping saves; training logs them as `data/padding_fraction`.
@@ -227,6 +248,10 @@ def collate(
         labels[i, :n] = sample["labels"]
         attention_mask[i, :n] = 1
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    image_sizes = [s.get("image_size") for s in samples if s["pixel_values"] is not None]
+    pixel_values = None
+    if images:
+        pixel_values = torch.cat(images) if images[0].dim() == 4 else torch.stack(images)
     image_tokens = [count for s in samples for count in s.get("image_tokens", ())]
     pad_tokens, tokens = padding_counts([len(s["input_ids"]) for s in samples])
     target_index = target_positions(labels)
@@ -238,7 +263,8 @@ def collate(
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.stack(images) if images else None,
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
         "image_tokens": image_tokens,
         "skipped": dict(skipped),
         "num_pad_tokens": pad_tokens,
@@ -260,7 +286,8 @@ class _Collator:
 
 
 class VLMDataModule(L.LightningDataModule):
-    """Receives the encoder's image transform and a TextEncoder; never imports model code.
+    """Receives the model's image processor and a TextEncoder; builds no model (from
+    `models` it imports only the picklable AnyRes value types, to recognise and skip).
 
     The data is one shard folder (`shard_dir`) or a mixture of several (`sources`).
     """
@@ -269,7 +296,7 @@ class VLMDataModule(L.LightningDataModule):
         self,
         shard_dir: Path | None,
         text_encoder: TextEncoder,
-        image_transform: Callable[[Image.Image], torch.Tensor],
+        image_processor: Callable[[Image.Image], torch.Tensor],
         batch_size: int,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
@@ -287,7 +314,7 @@ class VLMDataModule(L.LightningDataModule):
         self.sources = sources or [Source("data", Path(str(shard_dir)), key="stage.dataset")]
         self.mixture_size = mixture_size
         self.text_encoder = text_encoder
-        self.image_transform = image_transform
+        self.image_processor = image_processor
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -375,9 +402,11 @@ class VLMDataModule(L.LightningDataModule):
             )
         if mixture.num_samples() == 0:
             raise ConfigError("stage.dataset", f"{where_of(self.sources)} holds no samples.")
+        if isinstance(self.image_processor, AnyResImages):
+            refuse_presized(self.sources)
         self._train = ShardStream(
             mixture,
-            SampleProcessor(self.text_encoder, self.image_transform),
+            SampleProcessor(self.text_encoder, self.image_processor),
             batch_size=self.batch_size,
             seed=self.seed,
             shuffle=True,
@@ -409,6 +438,23 @@ class VLMDataModule(L.LightningDataModule):
 
 def where_of(sources: list[Source]) -> str:
     return ", ".join(str(s.shard_dir) for s in sources)
+
+
+def refuse_presized(sources: list[Source]) -> None:
+    """AnyRes tiles the image as stored: shards written with `vlmlab shards --presize` hold it
+    already squared to one tile, so every image would give the same small grid, silently."""
+    for source in sources:
+        manifest = source.shard_dir / MANIFEST
+        args = read_manifest(source.shard_dir) if manifest.is_file() else {}
+        presize = args.get("converter", {}).get("args", {}).get("presize")
+        if presize:
+            raise ConfigError(
+                "encoder.image",
+                f"anyres tiles each image at its own size, but {source.shard_dir} was written "
+                f"with `vlmlab shards --presize {presize.get('encoder')}` (every image squared "
+                "to one tile).",
+                "convert that data again without --presize, or train with encoder.image=pad.",
+            )
 
 
 class StreamPosition(L.Callback):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vlmlab.errors import ConfigError
+from vlmlab.models.anyres import UnusableImageError
 from vlmlab.text import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from vlmlab.text.templates import (
     IMAGE_PLACEMENTS,
@@ -38,6 +39,10 @@ from vlmlab.text.templates import (
     Turn,
 )
 from vlmlab.visual import FixedImageTokens, ImageSize, ImageTokenCounter, ImageTokens
+
+# The skip reason of an image the vision side cannot turn into tokens (smaller than one patch,
+# too elongated for any grid, a 16-bit image outside its range, mode F): `UnusableImageError`.
+UNUSABLE_IMAGE = "unusable_image"
 
 
 class BadSample(Exception):
@@ -193,7 +198,10 @@ class TextEncoder:
                 "no_bos", "tokenizer did not add BOS: set llm.tokenizer.add_bos_token=true"
             )
         labels = _labels(text, ids, offsets, spans)
-        counts = [self.tokens_for(image_size).count] if has_image else []
+        try:
+            counts = [self.tokens_for(image_size).count] if has_image else []
+        except UnusableImageError as err:  # e.g. AnyRes: a 100:1 panorama leaves no grid row
+            raise BadSample(UNUSABLE_IMAGE, str(err)) from err
         out_ids, out_labels = self._expand(ids, labels, counts)
         if len(out_ids) > self.max_length:
             out_ids, out_labels = out_ids[: self.max_length], out_labels[: self.max_length]

@@ -1,8 +1,8 @@
 """Validation of LLaVA JSON entries before they are written to shards.
 
-The checks are the training pipeline's own (TextEncoder with the real tokenizer and template)
-plus what only the converter can see (the entry's JSON, duplicate ids, the image file), so a
-sample that passes here is one the data loader will not have to skip.
+The checks are the training pipeline's own (TextEncoder with the real tokenizer and template,
+the loader's `decode_image`) plus what only the converter can see (the entry's JSON, duplicate
+ids, the image file), so a sample that passes here is one the data loader will not have to skip.
 """
 
 from __future__ import annotations
@@ -17,14 +17,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmlab.data.tokenize import BadSample, TextEncoder
+from PIL import Image
+
+from vlmlab.data.tokenize import UNUSABLE_IMAGE, BadSample, TextEncoder
 from vlmlab.errors import ConfigError
+from vlmlab.models.anyres import AnyResTokens, UnusableImageError, prepare_image
 from vlmlab.visual import ImageSize, ImageTokenCounter
 
 UNLIMITED = 1 << 30
-# The image members the data loader reads (datamodule.IMAGE_EXTENSIONS, equal by test): kept here
-# so the converter does not import Lightning.
+# The image members the data loader reads (the DataModule imports them from here, so the
+# converter does not import Lightning).
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm")
+# More than 8 bits per sample: PIL's convert("RGB") clips every value above 255 to white
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def decode_image(payload: bytes, orient: bool) -> Image.Image:
+    """The loader's decode step (shared with the converter, so both count tokens from one size).
+
+    `orient` (AnyRes): `models.anyres.prepare_image`: the EXIF orientation is applied, so a phone
+    photo is tiled (and its grid chosen) as it is seen. Without it (`pad`), the pixels stay the
+    file's as LLaVA-1.5 and transformers' CLIP/SigLIP processors read them (neither applies EXIF
+    orientation), so LLaVA-1.5 checkpoints see what they were trained on. Both paths map
+    16-bit images to their top 8 bits (PIL alone turns them white) and refuse mode F.
+    BadSample `corrupt_image` for a file PIL cannot decode, `unusable_image` for the rest.
+    """
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            image.load()
+            if orient or image.mode in HIGH_DEPTH_MODES or image.mode == "F":
+                return prepare_image(image, orient=orient)
+            return image
+    except UnusableImageError as err:
+        raise BadSample(UNUSABLE_IMAGE, str(err)) from err
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's decode errors
+        raise BadSample("corrupt_image", str(err)) from err
 
 
 @dataclass(frozen=True)
@@ -170,9 +197,11 @@ class Validator:
     def _check_image(self, image: Any) -> tuple[str, str, int, ImageSize]:
         """(ext, sha256, bytes, (width, height)) of a readable image; BadSample otherwise.
 
-        The dimensions are what the loader will decode: they decide the image's token count."""
-        from PIL import Image
-
+        The dimensions are what the loader will decode: they decide the image's token count.
+        For a count that depends on them (AnyRes), and for modes the loader converts or refuses
+        (16-bit, float), the image is decoded as the loader decodes it (`decode_image`: EXIF
+        orientation swaps width and height); an 8-bit image under a fixed count needs the
+        header only (a full decode of every image would double the conversion's time)."""
         if not isinstance(image, str) or not image:
             raise BadSample("bad_entry", "`image` must be a non-empty path")
         ext = Path(image).suffix.lstrip(".").lower()
@@ -185,11 +214,18 @@ class Validator:
             raise BadSample("missing_image", str(path)) from None
         try:
             with Image.open(io.BytesIO(payload)) as opened:
-                dims = opened.size
+                dims, mode = opened.size, opened.mode
                 opened.verify()
         except Exception as err:  # PIL raises many types for broken files
             raise BadSample("corrupt_image", f"{image}: {err}") from None
+        if self.anyres or mode in HIGH_DEPTH_MODES or mode == "F":
+            dims = decode_image(payload, orient=self.anyres).size
         return ext, hashlib.sha256(payload).hexdigest(), len(payload), dims
+
+    @property
+    def anyres(self) -> bool:
+        """Whether images are AnyRes-tiled: their count depends on the decoded (oriented) size."""
+        return isinstance(self.text_encoder.image_tokens, AnyResTokens)
 
 
 _VALIDATOR: Validator | None = None

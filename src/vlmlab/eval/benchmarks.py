@@ -1,9 +1,11 @@
-"""Synthetic benchmarks in the `vlmlab eval` JSONL format, from the shapes data's held-out images.
+"""Synthetic benchmarks in the `vlmlab eval` JSONL format, from generated data's held-out images.
 
 `shapes_colour` asks exactly the held-out question the training-time evaluation has always asked
 (`shapes.HELDOUT_QUESTION`), so its accuracy is the number the demo reports. The others exercise
 every scorer: count (VQA soft accuracy over 10 human answers), position (exact match and
 multiple choice) and POPE-style yes/no object probing with balanced negatives.
+A scenes folder (data=scenes, data=scenes_hires; its world.json names the kind) gets the
+benchmarks of `eval.scene_benchmarks` instead: `synthetic_names(root)` says which.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vlmlab.data.shapes import COLOURS, HELDOUT_QUESTION, POSITION_QUESTIONS, POSITIONS, SHAPES
+from vlmlab.eval.scene_benchmarks import BY_KIND
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +124,33 @@ SYNTHETIC: dict[str, Callable[[Row, str, np.random.Generator], list[Row]]] = {
 }
 
 
+WORLD = "world.json"  # written by data.scenes.generate: {kind, spec, frequency, cooccurrence}
+
+
+def world_kind(root: Path) -> str:
+    """Which generator wrote a data folder: "shapes", or world.json's kind (scenes ...)."""
+    world = Path(root) / WORLD
+    return str(json.loads(world.read_text())["kind"]) if world.is_file() else "shapes"
+
+
+def synthetic_names(root: Path) -> list[str]:
+    """The synthetic benchmarks a generated data folder gives."""
+    kind = world_kind(root)
+    return list(BY_KIND[kind]) if kind in BY_KIND else list(SYNTHETIC)
+
+
+def is_synthetic(name: str) -> bool:
+    """A synthetic benchmark name of any generator (not a file path)."""
+    return name in SYNTHETIC or any(name in writers for writers in BY_KIND.values())
+
+
 def write_synthetic(
     shapes_root: Path, out_dir: Path, copy_images: bool = True, seed: int = 0
 ) -> dict[str, Path]:
-    """Write one JSONL per synthetic benchmark for the held-out split of a shapes data folder.
+    """Write one JSONL per synthetic benchmark for the held-out split of a generated data folder.
 
     With `copy_images` the folder is self-contained (images/ beside the JSONL files); without,
-    image paths are relative paths to the shapes folder's own images.
+    image paths are relative paths to the data folder's own images.
     """
     heldout_file = Path(shapes_root) / "heldout.json"
     if not heldout_file.is_file():
@@ -140,6 +163,27 @@ def write_synthetic(
         (out_dir / "images").mkdir(exist_ok=True)
         for record in records:
             shutil.copy2(images / record["image"], out_dir / "images" / record["image"])
+    kind = world_kind(shapes_root)
+    if kind in BY_KIND:
+        world = json.loads((Path(shapes_root) / WORLD).read_text())
+        placed = [
+            {
+                **record,
+                "image": f"images/{record['image']}"
+                if copy_images
+                else os.path.relpath(images / record["image"], out_dir.resolve()),
+            }
+            for record in records
+        ]
+        paths = {}
+        for index, (name, write) in enumerate(BY_KIND[kind].items()):
+            rows = write(placed, world, np.random.default_rng([seed, index]))
+            paths[name] = out_dir / f"{name}.jsonl"
+            paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log.info(
+            "wrote %d %s benchmarks (%d images) to %s", len(paths), kind, len(records), out_dir
+        )
+        return paths
     paths = {}
     for index, (name, make) in enumerate(SYNTHETIC.items()):
         rng = np.random.default_rng([seed, index])
@@ -172,4 +216,4 @@ def synthetic_for_shapes(shapes_root: Path) -> dict[str, Path]:
             tmp.rename(out_dir)
         except OSError:  # another process finished first: its files are identical
             shutil.rmtree(tmp, ignore_errors=True)
-    return {name: out_dir / f"{name}.jsonl" for name in SYNTHETIC}
+    return {name: out_dir / f"{name}.jsonl" for name in synthetic_names(shapes_root)}

@@ -23,7 +23,7 @@ from PIL import Image
 from vlmlab.data.prepare import ResolvedDataset
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
-from vlmlab.eval.benchmarks import SYNTHETIC, synthetic_for_shapes
+from vlmlab.eval.benchmarks import SYNTHETIC, is_synthetic, synthetic_for_shapes
 from vlmlab.eval.generate import Generator
 from vlmlab.eval.heldout import evaluate_heldout
 from vlmlab.eval.runner import run_benchmark
@@ -68,9 +68,13 @@ class BenchmarkEval(L.Callback):
         files: dict[str, Path] = {}
         synthetic = synthetic_for_shapes(self.shapes_root) if self.shapes_root else {}
         for entry in self.benchmarks:
-            if entry in SYNTHETIC:
+            if is_synthetic(entry):
                 if entry in synthetic:
                     files[entry] = synthetic[entry]
+                else:
+                    log.warning(
+                        "eval.benchmarks: %s is not a benchmark of this data; skipped", entry
+                    )
             else:
                 files[Path(entry).stem] = Path(entry)
         return files
@@ -83,7 +87,7 @@ class BenchmarkEval(L.Callback):
             model,
             self.text_encoder.tokenizer,
             self.text_encoder.template,
-            model.encoder.image_transform,
+            model.image_processor,
         )
         results = EvalResults(step=trainer.global_step, out_dir=self.out_dir)
         for name, path in self._files().items():
@@ -168,9 +172,12 @@ def build_eval_callback(
     synthetic_root = dataset.get("synthetic_root")
     benchmarks = [str(b) for b in eval_cfg.benchmarks]
     for entry in benchmarks:
-        if entry in SYNTHETIC:
+        if is_synthetic(entry):
             if synthetic_root is None:
-                log.info("eval.benchmarks: %s needs generated data (data=shapes); skipped", entry)
+                log.info(
+                    "eval.benchmarks: %s needs generated data (data=shapes or data=scenes); skipped",
+                    entry,
+                )
         elif not Path(entry).is_file():
             raise ConfigError(
                 "eval.benchmarks",

@@ -107,7 +107,9 @@ def main(argv: list[str]) -> int:
                     "IMAGE", f"{args.image} is not a file.", "give an image path or '-'."
                 )
             with Image.open(args.image) as opened:
-                image = opened.convert("RGB")
+                # decoded as is: the model's processor makes RGB its way (AnyRes composites
+                # transparency on white and applies EXIF orientation, pad converts)
+                image = opened.copy()
         config = GenerationConfig(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,

@@ -16,9 +16,11 @@ from PIL import Image
 
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
+from vlmlab.models.anyres import prepare_image
 from vlmlab.models.vlm import VisionLanguageModel
 from vlmlab.text import IMAGE_PLACEHOLDER
 from vlmlab.text.templates import Template, Turn
+from vlmlab.visual import ImageSize
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,12 @@ def generate_ids(
     pad_id: int,
     stop_ids: set[int] | frozenset[int] = frozenset(),
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    image_sizes: Sequence[ImageSize] | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (1-D ids, image tokens expanded); a stop token is not included.
 
-    `pixel_values` holds the images of the rows that have `<image>` tokens, in row order.
+    `pixel_values` holds the images of the rows that have `<image>` tokens, in row order
+    (AnyRes: their tiles, concatenated), `image_sizes` their (width, height) (AnyRes needs it).
     `should_stop(row, ids)` ends a row after a token (e.g. when its text holds a stop string).
     """
     config.check()
@@ -102,7 +106,7 @@ def generate_ids(
     input_ids, attention_mask = _left_pad(prompts, pad_id, device)
     if pixel_values is not None:  # the encoder computes in its own dtype (bf16 on a GPU)
         pixel_values = pixel_values.to(device=device, dtype=next(model.encoder.parameters()).dtype)
-    embeds = model.embed(input_ids, pixel_values)
+    embeds = model.embed(input_ids, pixel_values, image_sizes=image_sizes)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     generator = None
     if config.temperature > 0 and config.seed is not None:
@@ -175,7 +179,8 @@ class Request:
 
 @dataclass
 class Generator:
-    """Text in, text out for a model, its tokenizer, its chat template and image transform."""
+    """Text in, text out for a model, its tokenizer, its chat template and image processor
+    (`model.image_processor`: the encoder's transform, or AnyRes tiles)."""
 
     model: VisionLanguageModel
     tokenizer: Any
@@ -209,8 +214,23 @@ class Generator:
                 f"a request with {'an' if request.image else 'no'} image needs "
                 f"{int(request.image is not None)} {IMAGE_PLACEHOLDER} in its turns, got {placeholders}"
             )
-        size = request.image.size if request.image is not None else None
-        return self.text.encode_prompt(request.turns, image_size=size)
+        image = self._prepared(request.image) if request.image is not None else None
+        return self.text.encode_prompt(request.turns, image_size=image.size if image else None)
+
+    def _prepared(self, image: Image.Image) -> Image.Image:
+        """The image as training's data side hands it to the model's processor (`prepare_image`:
+        16-bit modes keep their top 8 bits; AnyRes also applies the EXIF orientation, and the
+        prepared size sets its token count; pad keeps LLaVA-1.5's pixels, unrotated)."""
+        return prepare_image(image, orient=self.model.anyres is not None)
+
+    def pixels(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor | None, list[ImageSize]]:
+        """The batch's pixel_values (pad: stacked; AnyRes: tiles concatenated) and image sizes."""
+        prepared = [self._prepared(image) for image in images]
+        tensors = [self.image_transform(image) for image in prepared]
+        if not tensors:
+            return None, []
+        batch = torch.cat([t if t.dim() == 4 else t[None] for t in tensors])
+        return batch, [image.size for image in prepared]
 
     def _clean(self, ids: list[int], stops: Sequence[str]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -229,8 +249,7 @@ class Generator:
             return []
         stops = self.stop_strings(config.stop)
         prompts = [self.prompt_ids(r) for r in requests]
-        images = [self.image_transform(r.image.convert("RGB")) for r in requests if r.image]
-        pixel_values = torch.stack(images) if images else None
+        pixel_values, sizes = self.pixels([r.image for r in requests if r.image])
 
         def should_stop(_: int, ids: list[int]) -> bool:
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -247,6 +266,7 @@ class Generator:
                 self.tokenizer.pad_token_id,
                 self._stop_ids(stops),
                 should_stop if stops else None,
+                image_sizes=sizes or None,
             )
         finally:
             self.model.train(was_training)

@@ -50,7 +50,7 @@ def evaluate_heldout(
         for record in chunk:
             with Image.open(Path(image_root) / record["image"]) as image:
                 turn = Turn("human", f"{IMAGE_PLACEHOLDER}\n{record['question']}")
-                requests.append(Request([turn], image.convert("RGB")))
+                requests.append(Request([turn], image.copy()))  # the Generator prepares it
         for record, answer in zip(chunk, generator(requests, config)):
             predictions.append(
                 {

@@ -1,5 +1,5 @@
 """A ready-to-generate model from whatever names one: a vlmlab checkpoint folder (its chain
-loaded), a `vlmlab merge` folder, an MLflow run id or `runs:/<id>` URI, or an HF Llava export.
+loaded), a `vlmlab merge` folder, an MLflow run id or `runs:/<id>` URI, or an HF Llava / LlavaNext export.
 
 Each comes with the chat template it was trained with, so prompts match training, and is placed
 on the device (`--device`, default cuda when a GPU is visible) in the dtype (`--dtype`) asked for.
@@ -135,9 +135,7 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     def generator(self) -> Generator:
-        return Generator(
-            self.model, self.tokenizer, self.template, self.model.encoder.image_transform
-        )
+        return Generator(self.model, self.tokenizer, self.template, self.model.image_processor)
 
 
 def resolve_reference(reference: str, tracking_uri: str | None = None) -> Path:
@@ -153,7 +151,7 @@ def resolve_reference(reference: str, tracking_uri: str | None = None) -> Path:
     raise ConfigError(
         "checkpoint",
         f"{reference!r} is neither a folder nor an MLflow run id / runs:/<id> URI.",
-        "give a checkpoint folder (runs/checkpoints/<run>), a merged or HF Llava export folder, "
+        "give a checkpoint folder (runs/checkpoints/<run>), a merged or HF Llava / LlavaNext export folder, "
         "or a run id.",
     )
 
@@ -193,7 +191,7 @@ def load_model(
         raise ConfigError(
             "checkpoint",
             f"{path} holds no trainable.safetensors + meta.json (vlmlab checkpoint), "
-            "model.safetensors + meta.json (vlmlab merge) or config.json (HF Llava export).",
+            "model.safetensors + meta.json (vlmlab merge) or config.json (HF Llava / LlavaNext export).",
         )
     if cast is not None:
         model.connector.to(cast)  # encoder and LLM were built in it

@@ -137,8 +137,8 @@ def summarize(rows: list[dict[str, Any]], items: list[Item], circular: bool) -> 
 
 
 def _load_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    with Image.open(path) as image:  # the Generator prepares it as training did
+        return image.copy()
 
 
 def run_benchmark(

@@ -284,15 +284,17 @@ def to_rgb(image: Image.Image, mode: AnyResMode) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def prepare_image(image: Image.Image) -> Image.Image:
+def prepare_image(image: Image.Image, orient: bool = True) -> Image.Image:
     """The decode step before tiling (and before counting: the count must use this size).
 
     EXIF orientation is applied (a phone photo tagged "rotate 90" is tiled as it is seen, and its
     width and height swap), 16-bit greyscale keeps its top 8 bits (PIL's own conversion clips
     everything above 255 to white), and modes PIL cannot map to RGB are refused. The references
     do none of this; on 8-bit images without an orientation tag it is the identity.
+    `orient=False` (the pad path, which keeps LLaVA-1.5's pixels) skips the orientation step.
     """
-    image = ImageOps.exif_transpose(image)
+    if orient:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(image).astype(np.int64)
         if arr.min() < 0 or arr.max() > 65535:

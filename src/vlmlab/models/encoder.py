@@ -38,6 +38,8 @@ BACKENDS = ("transformers", "timm")
 # keys of an encoder preset that only one backend reads
 _TIMM_ONLY = ("timm_name", "timm_kwargs", "timm_checkpoint")
 _HF_ONLY = ("name_or_path",)
+# keys of an encoder preset that the VLM reads (its image strategy: `build_vlm`), not a tower
+VLM_KEYS = ("image", "anyres")
 
 
 class HFVisionEncoder(nn.Module, VisionEncoder):
@@ -156,8 +158,11 @@ def build_encoder(backend: str = "transformers", **kwargs: Any) -> nn.Module:
     """The `_target_` of every encoder preset: one YAML, either backend (`encoder.backend`).
 
     Keys only the other backend reads (`timm_*` for transformers, `name_or_path` for timm) are
-    dropped here, so a preset carries both without either class growing unused arguments.
+    dropped here, so a preset carries both without either class growing unused arguments; so
+    are `image` and `anyres`, which `build_vlm` reads (how images become tiles and tokens).
     """
+    for key in VLM_KEYS:
+        kwargs.pop(key, None)
     if backend == "transformers":
         for key in _TIMM_ONLY:
             kwargs.pop(key, None)

@@ -18,10 +18,19 @@ crop or exact resize, plus `do_pad`, LLaVA's expand-to-square with the mean colo
 backend, `backend="pil"`, matches our transform exactly) and a chat template derived from the
 LLM's template. Other connectors have no Llava equivalent and save in vlmlab's own format.
 
-Import (`load_hf_llava`): an HF Llava directory becomes our composition, so it can be trained
-further; `load_hf_weights` loads such a directory into an already built composition (the hook
-for `stage.init_from=hf:<dir>`), and `component_configs` gives the encoder/connector/llm
-configs that build the matching composition with `build_vlm`.
+AnyRes models (`encoder.image=anyres`) export as `LlavaNextForConditionalGeneration`: the same
+modules plus `image_newline` -> `model.image_newline`, `image_grid_pinpoints` in transformers'
+(height, width) convention, and a `LlavaNextProcessor` whose `LlavaNextImageProcessor` (PIL
+backend) cuts the same tiles. Only `encoder.anyres.mode=transformers` is exported: a `llava`-mode
+model reads its pinpoints as (width, height) and breaks ties the other way, so transformers would
+give square and tiny images another grid (other tokens) than the model was trained with; such an
+export is refused, naming the key. So are OneVision pooling (`pool_budget_tiles`) and
+`newline=false`, which LlavaNext cannot express.
+
+Import (`load_hf_llava`): an HF Llava or LlavaNext directory becomes our composition, so it can
+be trained further; `load_hf_weights` loads such a directory into an already built composition
+(the hook for `stage.init_from=hf:<dir>`), and `component_configs` gives the
+encoder/connector/llm configs that build the matching composition with `build_vlm`.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ _FAMILY_NORM = {  # image_mean/std when a directory has no preprocessor config
     "clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
     "siglip": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
 }
+_MODEL_TYPES = ("llava", "llava_next")  # Llava, LlavaNext (AnyRes)
 _CONFIG_NOISE = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
 _OWN_FORMAT = (
     "save it in vlmlab's own format instead: checkpoints under runs/checkpoints, or "
@@ -108,6 +118,31 @@ def check_exportable(model: VisionLanguageModel) -> None:
     if type(encoder.vision).__name__ not in ("CLIPVisionModel", "SiglipVisionModel"):
         raise ConfigError("encoder", f"{type(encoder.vision).__name__} is not exportable.")
     _base_model(model.llm)
+    counter = model.anyres
+    if counter is None:
+        return
+    if counter.mode != "transformers":
+        raise ConfigError(
+            "encoder.anyres.mode",
+            "llava: LLaVA-NeXT's own tiling reads grid_pinpoints as (width, height) and breaks "
+            "ties the other way, so transformers' LlavaNext would cut square and tiny images "
+            "into another grid (other image tokens) than this model was trained with.",
+            "export models trained with encoder.anyres.mode=transformers (the default), or "
+            + _OWN_FORMAT,
+        )
+    if counter.pool_budget_tiles is not None:
+        raise ConfigError(
+            "encoder.anyres.pool_budget_tiles",
+            f"{counter.pool_budget_tiles}: LlavaNext never pools tile features (that is "
+            "LLaVA-OneVision's anyres_max_N).",
+            "export with pool_budget_tiles=null, or " + _OWN_FORMAT,
+        )
+    if not counter.newline or model.image_newline is None:
+        raise ConfigError(
+            "encoder.anyres.newline",
+            "false: LlavaNext always appends image_newline after every grid row.",
+            _OWN_FORMAT,
+        )
 
 
 def llava_parts(model: VisionLanguageModel) -> tuple[HFVisionEncoder, MLPConnector, Any]:
@@ -122,23 +157,30 @@ def feature_select_strategy(encoder: HFVisionEncoder) -> Literal["default", "ful
 
 
 def hf_config(model: VisionLanguageModel) -> Any:
-    """The LlavaConfig of our composition."""
-    from transformers import LlavaConfig
+    """The LlavaConfig of our composition (LlavaNextConfig for an AnyRes model)."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     encoder, connector, llm = llava_parts(model)
     linear_1 = connector.layers[0]
     text_config = copy.deepcopy(llm.config)
     text_config.vocab_size = int(llm.get_output_embeddings().weight.shape[0])
-    return LlavaConfig(
-        vision_config=copy.deepcopy(encoder.vision.config),
-        text_config=text_config,
-        image_token_index=int(model.image_token_id),
-        image_seq_length=int(model.num_image_tokens),
-        projector_hidden_act="gelu",
-        vision_feature_layer=int(encoder.select_layer),
-        vision_feature_select_strategy=feature_select_strategy(encoder),
-        multimodal_projector_bias=linear_1.bias is not None,
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    common = {
+        "vision_config": copy.deepcopy(encoder.vision.config),
+        "text_config": text_config,
+        "image_token_index": int(model.image_token_id),
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": int(encoder.select_layer),
+        "vision_feature_select_strategy": feature_select_strategy(encoder),
+        "multimodal_projector_bias": linear_1.bias is not None,
+        "tie_word_embeddings": bool(getattr(llm.config, "tie_word_embeddings", False)),
+    }
+    counter = model.anyres
+    if counter is None:
+        return LlavaConfig(image_seq_length=int(model.num_image_tokens), **common)
+    return LlavaNextConfig(  # mode transformers: our pairs are already (height, width)
+        image_grid_pinpoints=[list(p) for p in counter.pinpoints],
+        image_seq_length=counter.side**2,  # tokens of one tile (llava-hf's 576 at 336 px)
+        **common,
     )
 
 
@@ -162,12 +204,15 @@ def _same_structure(ours: nn.Module, theirs: nn.Module, what: str) -> None:
 
 
 def to_hf_model(model: VisionLanguageModel) -> Any:
-    """A LlavaForConditionalGeneration that shares our modules (no copy of the weights)."""
-    from transformers import LlavaForConditionalGeneration
+    """A LlavaForConditionalGeneration (LlavaNext for AnyRes) sharing our modules (no copy)."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     config = hf_config(model)
+    cls = (
+        LlavaForConditionalGeneration if model.anyres is None else LlavaNextForConditionalGeneration
+    )
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = cls(config)
     encoder, connector, llm = llava_parts(model)
     pairs = [
         (encoder.vision, hf.model, "vision_tower", "encoder"),
@@ -179,9 +224,40 @@ def to_hf_model(model: VisionLanguageModel) -> Any:
     for ours, parent, attr, key in pairs:
         _same_structure(ours, getattr(parent, attr), key)
         setattr(parent, attr, ours)
+    if model.image_newline is not None:
+        if model.image_newline.shape != hf.model.image_newline.shape:
+            raise ConfigError("connector", "image_newline differs from LlavaNext's.")
+        hf.model.image_newline = model.image_newline
     _no_meta(hf, "export")
     hf.eval()
     return hf
+
+
+def anyres_processor_kwargs(model: VisionLanguageModel) -> dict[str, Any]:
+    """LlavaNextImageProcessor arguments that cut our AnyRes tiles (`AnyResImages`).
+
+    Tiles and the overview are square tile-size crops/resizes (bicubic), so the per-tile resize
+    (shortest edge) and centre crop are identities; `do_pad` pads the tile count for batching.
+    """
+    counter = model.anyres
+    assert counter is not None
+    t: Any = model.encoder.image_transform
+    side = int(counter.tile_size)
+    return {
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": side},
+        "resample": _RESAMPLE_CODES["bicubic"],
+        "do_center_crop": True,
+        "crop_size": {"height": side, "width": side},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(t.mean),
+        "image_std": list(t.std),
+        "do_pad": True,
+        "image_grid_pinpoints": [list(p) for p in counter.pinpoints],
+    }
 
 
 def image_processor_kwargs(encoder: HFVisionEncoder) -> dict[str, Any]:
@@ -281,15 +357,27 @@ def chat_template_for(template: Template, tokenizer: Any) -> str | None:
 
 
 def build_processor(model: VisionLanguageModel, tokenizer: Any, template: Template | None) -> Any:
-    """LlavaProcessor: tokenizer + image processor + chat template, matching our pipeline."""
-    from transformers import LlavaImageProcessorPil, LlavaProcessor
+    """LlavaProcessor (LlavaNextProcessor for AnyRes): tokenizer + image processor + chat
+    template, matching our pipeline."""
+    from transformers import (
+        LlavaImageProcessorPil,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
 
     encoder = llava_parts(model)[0]
     chat_template = chat_template_for(template, tokenizer) if template is not None else None
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(**image_processor_kwargs(encoder)),
+    if model.anyres is None:
+        processor_cls: Any = LlavaProcessor
+        image_processor: Any = LlavaImageProcessorPil(**image_processor_kwargs(encoder))
+    else:
+        processor_cls = LlavaNextProcessor
+        image_processor = LlavaNextImageProcessorPil(**anyres_processor_kwargs(model))
+    processor = processor_cls(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=int(encoder.vision.config.patch_size),
         vision_feature_select_strategy=feature_select_strategy(encoder),
@@ -326,10 +414,10 @@ def export_hf_llava(
     processor.save_pretrained(out)
     _drop_local_only(out / "tokenizer_config.json")
     log.info(
-        "exported LlavaForConditionalGeneration (%s, %d image tokens, vision_feature_layer=%d, "
-        "strategy=%s) to %s",
+        "exported %s (%s, %s image tokens, vision_feature_layer=%d, strategy=%s) to %s",
+        type(hf).__name__,
         type(model.llm).__name__,
-        model.num_image_tokens,
+        model.num_image_tokens if model.anyres is None else f"up to {model.anyres.max_count}",
         hf.config.vision_feature_layer,
         hf.config.vision_feature_select_strategy,
         out,
@@ -347,16 +435,22 @@ def _arch(config: Any, keep_model_type: bool) -> dict[str, Any]:
     return data
 
 
+def _processor_spec(path: Path) -> dict[str, Any] | None:
+    """The directory's image processor settings (transformers 4 or 5 layout), or None."""
+    file = path / "preprocessor_config.json"  # transformers 4.x layout, llava-hf repos
+    if file.is_file():
+        return cast(dict[str, Any], json.loads(file.read_text()))
+    if (path / "processor_config.json").is_file():  # transformers 5 nests it here
+        nested = json.loads((path / "processor_config.json").read_text()).get("image_processor")
+        return cast(dict[str, Any], nested) if nested else None
+    return None
+
+
 def _transform_from_processor(path: Path, family: str, image_size: int) -> dict[str, Any]:
     """Our ImageTransform arguments from the directory's preprocessor_config.json."""
     mean, std = _FAMILY_NORM[family]
-    spec: dict[str, Any] | None = None
-    file = path / "preprocessor_config.json"  # transformers 4.x layout, llava-hf repos
-    if file.is_file():
-        spec = json.loads(file.read_text())
-    elif (path / "processor_config.json").is_file():  # transformers 5 nests it here
-        file = path / "processor_config.json"
-        spec = json.loads(file.read_text()).get("image_processor")
+    spec = _processor_spec(path)
+    file = path / "preprocessor_config.json"
     if not spec:
         log.warning("%s has no image processor config: %s defaults", path, family)
         resize = "shortest_edge" if family == "clip" else "exact"
@@ -386,6 +480,29 @@ def _transform_from_processor(path: Path, family: str, image_size: int) -> dict[
     }
 
 
+def _anyres_from(path: Path, config: Any) -> dict[str, Any]:
+    """`encoder.anyres` of a LlavaNext directory: the model's pinpoints ((height, width), the
+    transformers mode), newline on, no pooling; a processor with other pinpoints is warned of."""
+    pinpoints = [[int(a), int(b)] for a, b in config.image_grid_pinpoints]
+    spec = _processor_spec(path)
+    theirs = (spec or {}).get("image_grid_pinpoints")
+    if theirs is not None and [list(map(int, p)) for p in theirs] != pinpoints:
+        log.warning(
+            "%s: the processor's image_grid_pinpoints %s differ from the model's %s; "
+            "using the model's",
+            path,
+            theirs,
+            pinpoints,
+        )
+    return {
+        "grid_pinpoints": pinpoints,
+        "mode": "transformers",
+        "newline": True,
+        "max_tiles": None,
+        "pool_budget_tiles": None,
+    }
+
+
 def component_configs(
     path: str | Path, template: str = "vicuna_v1", dtype: str = "float32"
 ) -> dict[str, dict[str, Any]]:
@@ -396,9 +513,11 @@ def component_configs(
     from transformers import AutoConfig
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "llava":
-        raise ConfigError("hf", f"{path} holds a {config.model_type!r} model, not llava.")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if config.model_type not in _MODEL_TYPES:
+        raise ConfigError(
+            "hf", f"{path} holds a {config.model_type!r} model, not llava or llava_next."
+        )
     vision = config.vision_config
     family = FAMILY_OF.get(vision.model_type)
     if family is None:
@@ -438,6 +557,9 @@ def component_configs(
         "dtype": dtype,
         "transform": _transform_from_processor(path, family, int(vision.image_size)),
     }
+    if config.model_type == "llava_next":
+        encoder["image"] = "anyres"
+        encoder["anyres"] = _anyres_from(path, config)
     connector = {
         "_target_": "vlmlab.models.connectors.mlp.MLPConnector",
         "depth": 2,
@@ -457,11 +579,19 @@ def component_configs(
 
 
 def _load_hf(path: Path, dtype: str | torch.dtype) -> Any:
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    if AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == "llava_next":
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, trust_remote_code=False
+        ).eval()
+    return LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, trust_remote_code=False
+    ).eval()
 
 
 def _parts(hf: Any) -> list[tuple[str, nn.Module]]:
@@ -473,6 +603,25 @@ def _parts(hf: Any) -> list[tuple[str, nn.Module]]:
         ("llm.base", hf.model.language_model),
         ("llm.lm_head", hf.lm_head),
     ]
+
+
+def _check_image_strategy(model: VisionLanguageModel, hf: Any, path: Path | str) -> None:
+    """A LlavaNext directory fits an AnyRes model with the same pinpoints, Llava a pad model."""
+    theirs = getattr(hf.config, "image_grid_pinpoints", None)
+    if model.anyres is None and theirs is None:
+        return
+    ours = None if model.anyres is None else [list(p) for p in model.anyres.pinpoints]
+    mode = None if model.anyres is None else model.anyres.mode
+    if theirs is None or ours is None or mode != "transformers" or ours != theirs:
+        raise ConfigError(
+            "encoder.image",
+            f"{path} is a {type(hf).__name__} (image_grid_pinpoints {theirs}); this model has "
+            f"encoder.image={model.image_strategy}"
+            + (f", mode {mode}, grid_pinpoints {ours}" if ours is not None else "")
+            + ".",
+            "use encoder.image=anyres with encoder.anyres.grid_pinpoints equal to the "
+            "directory's (mode transformers) for a LlavaNext folder, encoder.image=pad for Llava.",
+        )
 
 
 def _our_part(model: VisionLanguageModel, name: str) -> nn.Module:
@@ -510,6 +659,7 @@ def load_hf_weights(
             f"{hf.config.vision_feature_select_strategy!r}; this encoder reads "
             f"{encoder.select_layer} / {feature_select_strategy(encoder)!r}.",
         )
+    _check_image_strategy(model, hf, path)
     for name, theirs in _parts(hf):
         ours = _our_part(model, name)
         try:
@@ -518,6 +668,14 @@ def load_hf_weights(
             raise ConfigError(
                 "stage.init_from", f"{path} does not fit this model's {name}: {err}"
             ) from err
+    if model.image_newline is not None:
+        newline = hf.model.image_newline
+        if newline.shape != model.image_newline.shape:
+            raise ConfigError(
+                "stage.init_from", f"{path}: image_newline is {tuple(newline.shape)}."
+            )
+        with torch.no_grad():
+            model.image_newline.copy_(newline)
     log.info("loaded every weight of %s", path)
 
 
@@ -559,8 +717,17 @@ def load_hf_llava(
         else:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, theirs)
+    if model.anyres is not None:
+        _check_image_strategy(model, hf, path)
+        model.image_newline = hf.model.image_newline
     llm.config = copy.deepcopy(hf.config.text_config)
     _no_meta(model, f"import of {path}")
     model.eval()
-    log.info("imported %s: %d image tokens per image", path, model.num_image_tokens)
+    counter = model.image_token_counter()
+    log.info(
+        "imported %s (%s): %s image tokens per image",
+        path,
+        type(hf).__name__,
+        counter.fixed_count or f"up to {counter.max_count}",
+    )
     return model, tokenizer

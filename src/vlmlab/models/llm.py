@@ -142,7 +142,7 @@ def build_tokenizer(tokenizer_cfg: dict[str, Any]) -> Any:
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **{**kwargs, "trust_remote_code": False})
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -193,7 +193,9 @@ def build_llm(
                 log.info(
                     "loading quantized %s onto cuda:%d", name_or_path, kwargs["device_map"][""]
                 )
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, trust_remote_code=False, **kwargs
+        )
         if quantization:
             from peft import prepare_model_for_kbit_training
 

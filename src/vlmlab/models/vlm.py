@@ -15,16 +15,19 @@ as before.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlmlab.models.anyres import AnyResImages, AnyResTokens, pack_tile_features
 from vlmlab.models.contracts import Connector, LanguageModel, VisionEncoder
 from vlmlab.text.labels import target_positions
 from vlmlab.visual import FixedImageTokens, ImageSize, ImageTokenCounter, ImageTokens
@@ -248,12 +251,26 @@ def target_token_loss(
     return chunked_token_loss(head, rows, targets, chunk_size, softcap) / num_target_tokens
 
 
+def tile_side(num_tokens: int) -> int | None:
+    """The side of the square grid `num_tokens` tokens form, or None when they form none."""
+    side = math.isqrt(num_tokens)
+    return side if side > 0 and side * side == num_tokens else None
+
+
 class VisionLanguageModel(nn.Module):
-    """Composition of a vision encoder, a connector and a causal LM."""
+    """Composition of a vision encoder, a connector and a causal LM.
+
+    `anyres` (an `AnyResTokens` counter, from `encoder.image: anyres`) switches images from one
+    square tile each to LLaVA-NeXT tiling: every image arrives as its overview + grid tiles,
+    all tiles of a batch go through encoder and connector at once, and each image's tile
+    features are packed into one token run (unpad, `image_newline` after every row). The
+    learned `image_newline` (Dl,) exists when the counter appends newlines; None otherwise.
+    """
 
     encoder: VisionEncoder  # an nn.Module implementing the contract
     connector: Connector  # an nn.Module implementing the contract
     llm: LanguageModel  # transformers PreTrainedModel (or a peft model wrapping one)
+    image_newline: nn.Parameter | None
 
     def __init__(
         self,
@@ -262,7 +279,11 @@ class VisionLanguageModel(nn.Module):
         llm: LanguageModel,
         image_token_id: int,
         loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
+        anyres: AnyResTokens | None = None,
+        image_newline: torch.Tensor | None = None,
     ) -> None:
+        """`image_newline`: its initial value (LLaVA-NeXT: randn(Dl) / sqrt(Dl)); needed exactly
+        when `anyres` appends newlines."""
         super().__init__()
         if loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {loss_chunk_size}")
@@ -275,14 +296,62 @@ class VisionLanguageModel(nn.Module):
         # then runs the whole vision branch, frozen or not, because sharded units all-gather
         # collectively and a rank that skips them hangs the others.
         self.sharded = False
+        self.anyres = anyres
+        if anyres is not None:
+            per_tile = connector.num_tokens(encoder.num_tokens)
+            if tile_side(per_tile) != anyres.side or anyres.tile_size != encoder.image_size:
+                raise ValueError(
+                    f"the AnyRes counter (tile {anyres.tile_size} px, {anyres.side}x"
+                    f"{anyres.side} tokens) does not fit this encoder + connector "
+                    f"({encoder.image_size} px, {per_tile} tokens per tile)"
+                )
+        if (anyres is not None and anyres.newline) != (image_newline is not None):
+            raise ValueError("image_newline is given exactly when the AnyRes counter appends it")
+        if image_newline is not None:
+            self.image_newline = nn.Parameter(image_newline)
+        else:
+            self.register_parameter("image_newline", None)
+
+    @property
+    def image_strategy(self) -> str:
+        """`encoder.image`: pad (one square tile per image) or anyres (LLaVA-NeXT tiles)."""
+        return "pad" if self.anyres is None else "anyres"
 
     def image_token_counter(self) -> ImageTokenCounter:
         """How many embeddings each image gives: the vision side's answer, as a picklable value
         the data side (tokenizer, shards, grouping), the planner and HF export all ask.
 
-        A fixed-size encoder gives N features per image and the connector maps them to M.
+        A fixed-size encoder gives N features per image and the connector maps them to M; with
+        AnyRes the count depends on the image's size (`AnyResTokens`).
         """
+        if self.anyres is not None:
+            return self.anyres
         return FixedImageTokens(self.connector.num_tokens(self.encoder.num_tokens))
+
+    @property
+    def image_processor(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> the pixels this model takes for it, the callable the data side uses:
+        pad: the encoder's transform, (3, S, S); anyres: `AnyResImages`, (1 + rows * cols, 3,
+        S, S), overview first. A batch concatenates images' tensors along dim 0 (pad: stacks).
+        Picklable (runs in DataLoader workers)."""
+        if self.anyres is None:
+            return self.encoder.image_transform
+        transform: Any = self.encoder.image_transform
+        return AnyResImages(
+            self.anyres.pinpoints,
+            self.anyres.tile_size,
+            tuple(transform.mean),
+            tuple(transform.std),
+            self.anyres.mode,
+        )
+
+    @property
+    def max_image_tiles(self) -> int:
+        """Encoder passes of the largest image: 1 (pad), 1 + the largest grid (anyres)."""
+        if self.anyres is None:
+            return 1
+        t = self.anyres.tile_size
+        return 1 + max((a // t) * (b // t) for a, b in self.anyres.pinpoints)
 
     def image_tokens(self, image_size: ImageSize | None = None) -> ImageTokens:
         """Tokens (and layout) of one image of this (width, height)."""
@@ -323,6 +392,36 @@ class VisionLanguageModel(nn.Module):
     def _connector_dtype(self) -> torch.dtype:
         return next(self.connector.parameters()).dtype
 
+    def encode_anyres(
+        self, pixel_values: torch.Tensor, image_sizes: Sequence[ImageSize] | None
+    ) -> list[torch.Tensor]:
+        """(sum of tiles, 3, S, S) -> one (count_k, Dl) embedding run per image.
+
+        All tiles of the batch go through encoder and connector in one call; `image_sizes`
+        ((width, height) per image, batch order) says how many tiles each image has and how
+        its grid is unpadded. The layout comes from the counter alone (no device sync).
+        """
+        counter = self.anyres
+        assert counter is not None
+        if image_sizes is None:
+            raise ValueError(
+                "encoder.image=anyres: the model needs image_sizes, the (width, height) of "
+                "every image of the batch in order (collate sends them; generation passes them)"
+            )
+        sizes = [(int(w), int(h)) for w, h in image_sizes]
+        tiles = [1 + r * c for (r, c), _ in (counter.layout(size) for size in sizes)]
+        if sum(tiles) != pixel_values.shape[0]:
+            raise ValueError(
+                f"image_sizes {sizes} give {sum(tiles)} AnyRes tiles ({tiles} per image) but "
+                f"pixel_values holds {pixel_values.shape[0]}: pixels were made by another image "
+                "processor than the model's (use model.image_processor)"
+            )
+        features = self.encode_images(pixel_values)  # (sum tiles, side**2, Dl)
+        return [
+            pack_tile_features(part, size, counter, self.image_newline)
+            for part, size in zip(features.split(tiles), sizes)
+        ]
+
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -330,12 +429,14 @@ class VisionLanguageModel(nn.Module):
         image_index: torch.Tensor | None = None,
         image_tokens: Sequence[int] | None = None,
         ids: Sequence[Any] | None = None,
+        image_sizes: Sequence[ImageSize] | None = None,
     ) -> torch.Tensor:
         """Token embeddings with each image's slots replaced by that image's embeddings.
 
         `image_index` (flat b*T + p of the image tokens) and `image_tokens` (per-image counts
         the text side expanded), both from `collate`, keep the check and the copy free of host
         syncs; `ids` (the batch's sample ids) name the sample in a mismatch error.
+        `image_sizes` ((width, height) per image) is required by AnyRes, ignored by pad.
         """
         is_image = input_ids == self.image_token_id  # (B, T)
         text_ids = input_ids.masked_fill(is_image, 0)
@@ -347,7 +448,11 @@ class VisionLanguageModel(nn.Module):
                     f"input_ids hold {num_slots} image tokens but no pixel_values were given."
                 )
             return embeds + self._vision_anchor(embeds)
-        image_embeds = self.encode_images(pixel_values)  # (K, M, Dl)
+        image_embeds: ImageEmbeds
+        if self.anyres is not None:
+            image_embeds = self.encode_anyres(pixel_values, image_sizes)  # K x (M_k, Dl)
+        else:
+            image_embeds = self.encode_images(pixel_values)  # (K, M, Dl)
         return scatter_image_embeds(
             embeds, is_image, image_embeds, image_index, image_tokens, sample_ids=ids
         )
@@ -364,13 +469,17 @@ class VisionLanguageModel(nn.Module):
         """
         if not self.training:
             return 0.0
+        newline = [] if self.image_newline is None else [self.image_newline]
         if not self.sharded:
-            vision = [*self.connector.parameters(), *self.encoder.parameters()]
+            vision = [*self.connector.parameters(), *self.encoder.parameters(), *newline]
             if not (torch.is_grad_enabled() and any(p.requires_grad for p in vision)):
                 return 0.0
         size = int(self.encoder.image_size)
         blank = embeds.new_zeros((1, 3, size, size), dtype=next(self.encoder.parameters()).dtype)
-        return self.encode_images(blank).sum().to(embeds.dtype) * 0.0
+        anchor = self.encode_images(blank).sum()
+        for param in newline:  # AnyRes: image_newline is a vision parameter too
+            anchor = anchor + param.sum().to(anchor.dtype)
+        return anchor.to(embeds.dtype) * 0.0
 
     def _loss_head(self) -> tuple[nn.Module, nn.Module, float | None] | None:
         """(decoder, output head, soft-cap) of the LLM when its logits are just head(hidden).
@@ -413,6 +522,7 @@ class VisionLanguageModel(nn.Module):
         image_index: torch.Tensor | None = None,
         image_tokens: Sequence[int] | None = None,
         ids: Sequence[Any] | None = None,
+        image_sizes: Sequence[ImageSize] | None = None,
         **_: Any,
     ) -> VLMOutput:
         """Logits without labels; with labels, the mean next-token CE over the target tokens.
@@ -420,8 +530,9 @@ class VisionLanguageModel(nn.Module):
         `target_index`, `num_target_tokens`, `image_index` and `image_tokens` come with batches
         from `collate` (computed on the CPU): given, the training forward needs no host sync of
         its own. `ids` name the sample when its image tokens and embeddings disagree.
+        `image_sizes`: (width, height) of every image, in batch order (AnyRes needs them).
         """
-        embeds = self.embed(input_ids, pixel_values, image_index, image_tokens, ids)
+        embeds = self.embed(input_ids, pixel_values, image_index, image_tokens, ids, image_sizes)
         if labels is None:
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
             return VLMOutput(loss=None, logits=out.logits, num_target_tokens=0)

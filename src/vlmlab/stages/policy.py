@@ -56,9 +56,32 @@ class StagePlan:
     checkpointed: list[str] = field(default_factory=list)
 
 
+# Parameters of the VLM itself (outside the three components) and the component they belong
+# to for globs, groups and the table. AnyRes's learned `image_newline` sits between the
+# connector's output and the LLM and trains with the projector: `train: [connector]` and
+# `match: connector.*` include it. (LLaVA-NeXT trains it in stage 2 with the base LR next to the
+# projector, llava/train/train.py `mm_tunable_parts`; its stage 1 is square images, where the
+# newline is unused: here a stage-1 AnyRes run would otherwise leave it at its random init.)
+ATTACHED = {"image_newline": "connector"}
+
+
+def policy_name(name: str) -> str:
+    """The dotted name globs see: `image_newline` is `connector.image_newline`."""
+    return f"{ATTACHED[name]}.{name}" if name in ATTACHED else name
+
+
+def attached_parameters(model: nn.Module, component: str) -> list[nn.Parameter]:
+    """The VLM's own parameters that count as part of `component` (see ATTACHED)."""
+    return [p for n, p in model.named_parameters(recurse=False) if ATTACHED.get(n) == component]
+
+
 def _matches(name: str, pattern: str) -> bool:
     # `connector` matches the module and everything under it; globs work on dotted paths.
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+    # A parameter ATTACHED to a component matches its own name and the component's globs.
+    return any(
+        fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")
+        for n in {name, policy_name(name)}
+    )
 
 
 def _as_dict(node: Any) -> dict[str, Any]:
@@ -380,8 +403,9 @@ def parameter_table(model: nn.Module) -> list[dict[str, Any]]:
     """Trainable/frozen parameter counts per top-level component."""
     rows = []
     for component, module in model.named_children():
-        total = sum(p.numel() for p in module.parameters())
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        params = [*module.parameters(), *attached_parameters(model, component)]
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
         rows.append(
             {
                 "component": component,

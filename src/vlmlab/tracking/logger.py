@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmlab.checkpoints.meta import CheckpointMeta, read_meta
 from vlmlab.errors import ConfigError
 from vlmlab.schema import LoggerConfig
+from vlmlab.tracking import journal
 from vlmlab.tracking.mlflow import flatten, git_commit, run_link, run_name, tracking_uri
 from vlmlab.tracking.sweep_job import parent_run_id, swept_keys
 
@@ -63,14 +64,21 @@ def _mlflow_logger(settings: LoggerConfig, run: RunIdentity) -> Any:
     name = settings.run_name or run_name(
         str(run.choices.get("stage", run.stage)), run.choices, run.overrides, swept_keys()
     )
-    return MLFlowLogger(
-        experiment_name=settings.experiment_name,
-        run_name=name,
-        tracking_uri=tracking_uri(settings.tracking_uri, run.root),
-        tags=tags,
-        artifact_location=str((run.root / "mlartifacts").resolve().as_uri()),
-        run_id=run.resume_run_id,
-    )
+    uri = tracking_uri(settings.tracking_uri, run.root)
+    arguments: dict[str, Any] = {
+        "experiment_name": settings.experiment_name,
+        "run_name": name,
+        "tracking_uri": uri,
+        "tags": tags,
+        "artifact_location": str((run.root / "mlartifacts").resolve().as_uri()),
+        "run_id": run.resume_run_id,
+    }
+    if not journal.is_remote(uri):  # a local store does not go away mid-run
+        return MLFlowLogger(**arguments)
+    # a server may: writes are journaled under paths.root/tracking and sent in the background
+    journal.configure_http(settings.http_timeout, settings.http_retries)
+    policy = journal.SendPolicy(settings.retry_interval, settings.flush_timeout)
+    return journal.journaled_logger(run.root, policy, **arguments)
 
 
 def _no_logger(settings: LoggerConfig, run: RunIdentity) -> None:

@@ -7,11 +7,13 @@ package talks to MLflow: checkpoints stay path-based (`checkpoints.references` i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vlmlab.checkpoints.lightning_io import write_error
 from vlmlab.checkpoints.references import run_id_of
 from vlmlab.errors import ConfigError
 
@@ -68,7 +70,12 @@ class RunState:
 
     def write(self, folder: Path) -> None:
         """Atomically (a kill mid-write leaves the previous state, never a torn file)."""
-        Path(folder).mkdir(parents=True, exist_ok=True)
         tmp = Path(folder) / (RUN_STATE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, Path(folder) / RUN_STATE)
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(asdict(self)))
+            os.replace(tmp, Path(folder) / RUN_STATE)
+        except OSError as err:  # disk full, read-only: say where and what to do
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise write_error(Path(folder) / RUN_STATE, err, None, "the run state") from err

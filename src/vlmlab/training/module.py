@@ -38,8 +38,16 @@ from vlmlab.training.guards import (
 log = logging.getLogger(__name__)
 
 # Batch keys from `collate` that the VLM forward takes when present: counted / indexed on the
-# CPU there, so the forward needs no host sync of its own.
-_COLLATED_EXTRAS = ("target_index", "num_target_tokens", "image_index", "image_tokens", "ids")
+# CPU there, so the forward needs no host sync of its own. `image_sizes` ((width, height) per
+# image) lays out AnyRes tiles; a pad model ignores it.
+_COLLATED_EXTRAS = (
+    "target_index",
+    "num_target_tokens",
+    "image_index",
+    "image_tokens",
+    "ids",
+    "image_sizes",
+)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
