@@ -148,3 +148,22 @@ def test_experiment_stage_builds_on_meta(
     assert got == expected
     assert {row["component"]: row["trainable"] for row in plan.table} == expected
     assert _count(model.parameters()) >= sum(expected.values()) > 0
+
+
+def test_anyres_study_arms_differ_in_resolution() -> None:
+    """experiments/anyres_study compares pad with anyres on the resolution task: the anyres arm
+    must really tile the task's images (a 3x2 or 2x3 grid at up to 192 px, so the 4-6 px objects
+    keep 1.5-2 px), the pad arm one 64 px tile; the README's token counts are these."""
+    from vlmlab.data.scenes import ScenesSpec
+
+    counts = {}
+    for image in ("pad", "anyres"):
+        cfg = compose(["experiment=anyres_study", f"encoder.image={image}"])
+        model, _ = build_vlm(cfg.encoder, cfg.connector, cfg.llm, weights="none", device="meta")
+        spec = ScenesSpec(image_size=int(cfg.data.generator.image_size), resolution_task=True)
+        counter = model.image_token_counter()
+        counts[image] = {size: counter(size) for size in spec.image_sizes()}
+    assert {t.count for t in counts["pad"].values()} == {16}
+    landscape, portrait = (512, 256), (256, 512)
+    assert counts["anyres"][landscape].grid == (2, 3) and counts["anyres"][portrait].grid == (3, 2)
+    assert counts["anyres"][landscape].count == 94 and counts["anyres"][portrait].count == 100

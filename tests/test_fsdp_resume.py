@@ -48,3 +48,121 @@ def test_fsdp_sharded_resume_of_a_frozen_llm_stage(tmp_path: Path, data_root: Pa
     assert straight.keys() == resumed.keys() and straight
     for key, tensor in straight.items():
         assert torch.equal(resumed[key], tensor), key
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoint_resumes_at_another_world_size(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """Stopped at 2 FSDP ranks after 2 steps, resumed at 1 (the shards re-split on load, the
+    rest of the epoch re-planned): the epoch trains every sample exactly once."""
+    from collections import Counter
+
+    from vlmlab.training.audit import read_records
+
+    record = f"debug.record_samples={tmp_path / 'samples.jsonl'}"
+    run = (*RUN, "stage.epochs=1", "data.num_workers=1", record)
+    run_train(tmp_path, data_root, *run, "trainer.max_steps=2")
+    assert (next(tmp_path.glob("resume/*/last.ckpt")) / "meta.pt").is_file()  # sharded
+    run_train(tmp_path, data_root, *run, "trainer.devices=1", "data.num_workers=2", "resume=auto")
+    trained = Counter(i for r in read_records(tmp_path / "samples.jsonl") for i in r["ids"])
+    assert len(trained) == 48 and set(trained.values()) == {1}, trained
+
+
+# ---- a sharded save that fails on one rank (slow, 2 gloo ranks) -------------------------------
+
+
+def _save_fails_on_rank_1(out: Path) -> None:
+    """Run as `python tests/test_fsdp_resume.py <out>` (Lightning relaunches it for rank 1).
+
+    A tiny FSDP2 module saves a sharded checkpoint, then saves again with rank 1 limited to
+    1 kB per file (RLIMIT_FSIZE: a real EFBIG from the kernel). Each rank writes what it raised.
+    """
+    import resource
+    import signal
+
+    import lightning as L
+    from torch.distributed.fsdp import fully_shard
+
+    from vlmlab.training.strategy import model_parallel_strategy
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(256, 256)
+
+        def configure_model(self) -> None:
+            assert self.device_mesh is not None
+            fully_shard(self.layer, mesh=self.device_mesh["data_parallel"])
+
+        def training_step(self, batch: torch.Tensor, index: int) -> torch.Tensor:
+            return self.layer(batch).square().mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(torch.randn(4, 256), batch_size=2)
+
+    strategy = model_parallel_strategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny())
+    target = out / "last.ckpt"
+    trainer.save_checkpoint(target)
+    rank = trainer.global_rank
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+    try:
+        trainer.save_checkpoint(target)
+        (out / f"rank{rank}.txt").write_text("saved")
+    except BaseException as err:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        (out / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        raise SystemExit(3) from None
+
+
+@pytest.mark.slow
+def test_sharded_save_failing_on_one_rank_fails_every_rank(tmp_path: Path) -> None:
+    """No rank waits at a barrier for a rank that gave up: all raise CheckpointWriteError
+    naming the folder, the staged folder is removed and the previous checkpoint stays."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # the script imports `tests.`
+        capture_output=True,
+        text=True,
+        timeout=240,  # a hang (the old behaviour) ends here
+    )
+    assert done.returncode != 0
+    target = tmp_path / "last.ckpt"
+    for rank in (0, 1):
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert said.startswith("CheckpointWriteError") and str(target) in said, said
+    assert not (tmp_path / "last.ckpt.tmp").exists()
+    assert (target / "meta.pt").is_file()  # the previous checkpoint is kept
+    meta = torch.load(target / "meta.pt", weights_only=True)
+    assert meta["global_step"] == 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    _save_fails_on_rank_1(Path(sys.argv[1]))

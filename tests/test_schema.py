@@ -23,9 +23,11 @@ from vlmlab.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 # every config group folder of conf/ except hydra's own and the per-stage recipes
-# conf/curate is `vlmlab curate`'s own tree (tests/test_curate.py composes its presets)
+# conf/curate and conf/generate are `vlmlab curate`/`generate`'s own trees (their tests compose them)
 GROUPS = sorted(
-    p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "recipe", "curate")
+    p.name
+    for p in CONF.iterdir()
+    if p.is_dir() and p.name not in ("hydra", "recipe", "curate", "generate")
 )
 PRESETS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))

@@ -74,6 +74,10 @@ VERBS: dict[str, Verb] = {
         "filter + deduplicate LLaVA JSON, with a report: vlmlab curate JSON --image-root DIR --out DIR [key=value]",
         "vlmlab.curate.cli:main",
     ),
+    "generate": Verb(
+        "LLaVA data from captions + boxes via an OpenAI-compatible endpoint or a local model: vlmlab generate DATA --out DIR [key=value]",
+        "vlmlab.curate.generate.cli:main",
+    ),
 }
 
 

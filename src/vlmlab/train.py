@@ -64,6 +64,9 @@ _NOT_IDENTITY = (
     "debug",
     "trainer.peak_tflops",
     "trainer.fail_after_nonfinite_steps",  # a run failed on NaNs may resume with another K
+    "trainer.devices",  # elastic resume: the same run on another world size or worker count
+    "trainer.num_nodes",  # (the data stream and the global batch do not depend on them)
+    "data.num_workers",
     "logger.http_timeout",  # how tracking reaches a server, not what the run computes
     "logger.http_retries",
     "logger.retry_interval",

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,35 @@ def write_error(
     )
     err.errno = errno or None  # type: ignore[assignment]  # callers may test ENOSPC ...
     return err
+
+
+def agreed_failure(strategy: Any, write: Callable[[], None]) -> BaseException | None:
+    """Run this rank's part of a sharded write; every rank returns an error if any rank's failed.
+
+    Why: a rank whose write fails (disk full, no permission) would raise alone while the others
+    wait for it at the next barrier, forever. torch.distributed.checkpoint gathers failures of
+    the shard files itself (a CheckpointException on every rank, whose OSError is unwrapped here
+    so the message gives the reason, not a traceback); the all-reduce (MIN) of an ok flag
+    covers the rest (rank 0's metadata file, fsync, DeepSpeed's per-rank files).
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    error: BaseException | None = None
+    try:
+        write()
+    except (OSError, RuntimeError, CheckpointException) as err:
+        error = err
+        if isinstance(err, CheckpointException):  # torch.distributed.checkpoint gathered them
+            found = [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+            error = next((f for f in found if isinstance(f, BaseException)), err)
+        log.error("rank %d could not write its checkpoint part: %s", strategy.global_rank, error)
+    ok = torch.tensor([0.0 if error else 1.0], device=strategy.root_device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() == 1.0:
+        return None
+    return error or RuntimeError("another rank could not write its checkpoint shards")
 
 
 def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = True) -> None:

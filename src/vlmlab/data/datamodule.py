@@ -28,7 +28,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlmlab.data.grouping import form_batches, padding_counts
 from vlmlab.data.mixture import Mixture, Source
 from vlmlab.data.shards import MANIFEST, read_manifest
-from vlmlab.data.split import Piece, WorkerPlan, batches_per_rank, plan_worker
+from vlmlab.data.split import (
+    Layout,
+    Piece,
+    WorkerPlan,
+    batches_per_rank,
+    buffer_shuffle,
+    consumed,
+    pieces_of,
+    plan_worker,
+)
 from vlmlab.data.tokenize import UNUSABLE_IMAGE, BadSample, TextEncoder
 from vlmlab.data.validate import IMAGE_EXTENSIONS, decode_image
 from vlmlab.errors import ConfigError
@@ -79,18 +88,23 @@ class ShardStream(IterableDataset):
         self.group_megabatch = group_megabatch
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already trained (resume mid-epoch)
+        # after an elastic resume: the epoch stream's entries not trained yet (in stream order)
+        self.remaining: list[int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def num_batches(self) -> int:
         """Batches every rank yields this epoch (the same on all ranks)."""
-        return batches_per_rank(self.mixture.num_samples(), self.world_size, self.batch_size)
+        total = self.mixture.num_samples() if self.remaining is None else len(self.remaining)
+        return batches_per_rank(total, self.world_size, self.batch_size)
 
     def worker_plan(self, worker: int | None = None, num_workers: int | None = None) -> WorkerPlan:
         if worker is None or num_workers is None:
             worker, num_workers = _worker()
         pieces = self.mixture.pieces(self.epoch, shuffle=self.shuffle)
+        if self.remaining is not None:
+            pieces = pieces_of(pieces, self.remaining)
         return plan_worker(pieces, self.rank, self.world_size, worker, num_workers, self.batch_size)
 
     def raw_samples(self, pieces: list[Piece], short: Counter[str]) -> Iterator[dict[str, Any]]:
@@ -118,13 +132,7 @@ class ShardStream(IterableDataset):
         if not self.shuffle:
             yield from raws
             return
-        buffer: list[dict[str, Any]] = []
-        for raw in raws:
-            buffer.append(raw)
-            if len(buffer) >= self.shuffle_buffer:
-                yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
+        yield from buffer_shuffle(raws, self.shuffle_buffer, rng)
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         actual, num_workers = _worker()
@@ -328,6 +336,12 @@ class VLMDataModule(L.LightningDataModule):
         self._resume_batches = 0
         self._resume_epoch = -1
         self._loader_seed = torch.Generator()  # see `_seeded_for`
+        # Elastic resume: the layouts this epoch was read with before the current one, each with
+        # the batches per rank it trained; `_remaining` is what they left (None: nothing yet).
+        self._before: list[tuple[Layout, int]] = []
+        self._remaining: list[int] | None = None
+        self._saved_layout: Layout | None = None  # of the checkpoint loaded, until resolved
+        self.elastic = False  # this resume changed the layout mid-epoch
 
     def prepare_data(self) -> None:
         if self._prepare is not None:
@@ -364,11 +378,89 @@ class VLMDataModule(L.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.batches_done = 0
+            self._before, self._remaining = [], None
         self.epoch = epoch
         self._seeded_for(epoch)
         if self._train is not None:
             self._train.set_epoch(epoch)
             self._train.skip_batches = self._resume_batches if epoch == self._resume_epoch else 0
+            self._train.remaining = self._remaining
+
+    def layout(self) -> Layout:
+        """How this run cuts and reads the epoch (the world size is the trainer's)."""
+        trainer = self.trainer
+        return Layout(
+            world_size=trainer.world_size if trainer is not None else 1,
+            num_workers=max(1, self.num_workers),
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+            group_megabatch=self.group_megabatch if self.group_by_length else 1,
+        )
+
+    def _segment_batches(self) -> int:
+        """Batches per rank of the current layout's part of the epoch."""
+        if self._remaining is None:
+            return self.batches_per_epoch(self._world()[1])
+        return batches_per_rank(len(self._remaining), self._world()[1], self.batch_size)
+
+    def resolve_resume(self) -> bool:
+        """Apply a loaded mid-epoch position to this run's layout; True if the layout changed.
+
+        Why: resumed at another world size or worker count, the saved batch count no longer
+        says which samples were trained. The stream of the epoch is the same for every layout,
+        and which of its entries k batches read under the saved layout follows from the plan
+        and the shuffle seeds alone (`split.consumed`), so the rest of the epoch is planned
+        afresh over the entries not trained yet: every sample once, no batch replayed.
+        """
+        saved, self._saved_layout = self._saved_layout, None
+        if saved is None:
+            return False
+        now = self.layout()
+        changed = saved != now and self.batches_done > 0
+        if changed:
+            self._before = [*self._before, (saved, self.batches_done)]
+            self.batches_done = self._resume_batches = 0
+        if self._before:
+            self._remaining = self._untrained(now)
+        self.elastic = changed
+        return changed
+
+    def _untrained(self, now: Layout) -> list[int]:
+        stream = list(range(self.mixture().num_samples()))
+        for layout, batches in self._before:
+            taken, unknown = consumed(stream, layout, batches, f"{self.seed}-{self.epoch}")
+            if unknown:
+                raise ConfigError(
+                    "data.group_by_length",
+                    f"the checkpoint stopped inside a length-grouped megabatch "
+                    f"(data.group_megabatch={layout.group_megabatch}) at {unknown[0]}: which of "
+                    "its samples were trained depends on their lengths, so the rest of the epoch "
+                    f"cannot be planned for another layout (saved {layout.as_dict()}, "
+                    f"now {now.as_dict()}).",
+                    f"resume with trainer.devices={layout.world_size} "
+                    f"data.num_workers={layout.num_workers} (the checkpoint's), or from a "
+                    "checkpoint at a megabatch boundary.",
+                )
+            stream = [i for i in stream if i not in taken]
+        return stream
+
+    def resumed_batch_count(self, accumulation: int) -> int:
+        """Lightning's batch counter for this epoch at the current layout after an elastic
+        resume: the optimizer steps done x `accumulation`, so steps keep the global batch."""
+        now = self.layout()
+        done = sum(lay.world_size * lay.batch_size * k for lay, k in self._before)
+        per_batch = now.world_size * now.batch_size
+        if done % (per_batch * accumulation):
+            raise ConfigError(
+                "trainer.devices",
+                f"the checkpoint was written after {done} samples of epoch {self.epoch}, not a "
+                f"whole number of global batches of {per_batch * accumulation} at "
+                f"{now.world_size} ranks x data.batch_size={now.batch_size} x accumulation "
+                f"{accumulation}: the optimizer step in progress cannot be completed exactly.",
+                "resume at the checkpoint's trainer.devices and data.num_workers, or from a "
+                "checkpoint written at an optimizer step (checkpoint.every_n_steps).",
+            )
+        return done // per_batch
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: where the stream stands, so resume neither replays nor skips.
@@ -379,13 +471,23 @@ class VLMDataModule(L.LightningDataModule):
         `on_train_epoch_start` (and, resuming at an epoch boundary, never again), so the next
         epoch would yield nothing and be skipped whole.
         """
-        if self.batches_done >= self.batches_per_epoch(self._world()[1]):
-            return {"epoch": self.epoch + 1, "batches_done": 0}
-        return {"epoch": self.epoch, "batches_done": self.batches_done}
+        layout = self.layout().as_dict()
+        if self.batches_done >= self._segment_batches():
+            return {"epoch": self.epoch + 1, "batches_done": 0, "layout": layout, "before": []}
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "layout": layout,  # what the batch count means (elastic resume, `resolve_resume`)
+            "before": [[lay.as_dict(), k] for lay, k in self._before],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = self._resume_epoch = int(state.get("epoch", 0))
         self.batches_done = self._resume_batches = int(state.get("batches_done", 0))
+        saved = state.get("layout")
+        self._saved_layout = Layout(**saved) if saved else None
+        self._before = [(Layout(**lay), int(k)) for lay, k in state.get("before", [])]
+        self._remaining = None
 
     def train_dataloader(self) -> DataLoader:
         mixture = self.mixture()
@@ -416,7 +518,9 @@ class VLMDataModule(L.LightningDataModule):
             group_by_length=self.group_by_length,
             group_megabatch=self.group_megabatch,
         )
+        self.resolve_resume()  # normally done already, by StreamPosition.on_load_checkpoint
         self._train.set_epoch(self.epoch)
+        self._train.remaining = self._remaining
         if self.epoch == self._resume_epoch:
             self._train.skip_batches = self._resume_batches
         return DataLoader(
@@ -459,6 +563,22 @@ def refuse_presized(sources: list[Source]) -> None:
 
 class StreamPosition(L.Callback):
     """Tells the stream the epoch (its own shuffle order) and counts batches for exact resume."""
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Elastic resume, before any training: refuse what cannot be exact, and set Lightning's
+        batch counter (restored after this hook) so optimizer steps keep the global batch."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if not isinstance(datamodule, VLMDataModule) or not datamodule.resolve_resume():
+            return
+        batches = datamodule.resumed_batch_count(trainer.accumulate_grad_batches)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if progress:
+            current = progress["current"]
+            shift = batches - int(current["ready"])
+            for field in ("ready", "started", "processed", "completed"):
+                current[field] = int(current[field]) + shift
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)

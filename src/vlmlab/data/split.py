@@ -10,7 +10,12 @@ worker reading one contiguous part of the rank's range (so it opens few shards).
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,24 @@ def slice_pieces(pieces: list[Piece], start: int, stop: int) -> list[Piece]:
     return out
 
 
+def worker_range(
+    total: int, rank: int, world_size: int, worker: int, num_workers: int, batch_size: int
+) -> tuple[int, list[int], list[int]]:
+    """(first sample, planned batch sizes, batch indices) of worker `worker` of rank `rank` in a
+    stream of `total` samples: the worker reads samples [first, first + sum(sizes))."""
+    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
+        raise ValueError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
+    start, stop = bounds(total, world_size, rank)
+    sizes = batch_sizes(stop - start, batches_per_rank(total, world_size, batch_size), batch_size)
+    offset = start
+    for w in range(num_workers):
+        mine = list(range(w, len(sizes), num_workers))
+        if w == worker:
+            return offset, [sizes[b] for b in mine], mine
+        offset += sum(sizes[b] for b in mine)
+    raise AssertionError("unreachable")
+
+
 def plan_worker(
     pieces: list[Piece],
     rank: int,
@@ -80,18 +103,82 @@ def plan_worker(
     batch_size: int,
 ) -> WorkerPlan:
     """What worker `worker` of rank `rank` reads and yields this epoch."""
-    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
-        raise ValueError(f"rank {rank}/{world_size}, worker {worker}/{num_workers} out of range")
     total = sum(len(p.positions) for p in pieces)
-    start, stop = bounds(total, world_size, rank)
-    sizes = batch_sizes(stop - start, batches_per_rank(total, world_size, batch_size), batch_size)
-    offset = start
-    for w in range(num_workers):
-        mine = list(range(w, len(sizes), num_workers))
-        n = sum(sizes[b] for b in mine)
-        if w == worker:
-            return WorkerPlan(
-                slice_pieces(pieces, offset, offset + n), [sizes[b] for b in mine], mine
+    first, sizes, indices = worker_range(total, rank, world_size, worker, num_workers, batch_size)
+    return WorkerPlan(slice_pieces(pieces, first, first + sum(sizes)), sizes, indices)
+
+
+def buffer_shuffle(items: Iterable[T], buffer: int, rng: random.Random) -> Iterator[T]:
+    """A shuffle buffer: the order depends only on the number of items and the rng, so the same
+    call on sample indices tells which samples a stream of raw samples yielded first."""
+    held: list[T] = []
+    for item in items:
+        held.append(item)
+        if len(held) >= buffer:
+            yield held.pop(rng.randrange(len(held)))
+    rng.shuffle(held)
+    yield from held
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch's stream was cut and read: what decides which samples k batches consumed."""
+
+    world_size: int
+    num_workers: int  # DataLoader workers per rank (0 counts as 1)
+    batch_size: int
+    shuffle_buffer: int
+    group_megabatch: int  # 1 when batches are not grouped by length
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def consumed(
+    stream: list[int], layout: Layout, batches: int, tag: str, shuffle: bool = True
+) -> tuple[set[int], list[str]]:
+    """The stream entries that `batches` batches per rank read under `layout`, without reading
+    any data; and, where grouping by length makes that unknowable (a megabatch half trained:
+    which of its samples went first depends on their decoded lengths), the slots it happened in.
+
+    `tag` + f"-{rank}-{worker}" seeds each worker's shuffle buffer, as ShardStream does.
+    """
+    taken: set[int] = set()
+    unknown: list[str] = []
+    workers = max(1, layout.num_workers)
+    for rank in range(layout.world_size):
+        for worker in range(workers):
+            first, sizes, _ = worker_range(
+                len(stream), rank, layout.world_size, worker, workers, layout.batch_size
             )
-        offset += n
-    raise AssertionError("unreachable")
+            mine = stream[first : first + sum(sizes)]
+            done = len(range(worker, batches, workers))
+            if done % layout.group_megabatch and done < len(sizes):
+                unknown.append(f"rank {rank} worker {worker}")
+            order = (
+                buffer_shuffle(mine, layout.shuffle_buffer, random.Random(f"{tag}-{rank}-{worker}"))
+                if shuffle
+                else iter(mine)
+            )
+            for _, index in zip(range(sum(sizes[:done])), order):
+                taken.add(index)
+    return taken, unknown
+
+
+def pieces_of(pieces: list[Piece], keep: list[int]) -> list[Piece]:
+    """The pieces holding the stream entries `keep` (indices into the pieces' concatenated
+    stream, ascending), in stream order."""
+    flat = [(p.url, pos) for p in pieces for pos in p.positions]
+    out: list[Piece] = []
+    run: list[int] = []
+    url = None
+    for index in keep:
+        u, pos = flat[index]
+        if u != url and run:
+            out.append(Piece(str(url), tuple(run)))
+            run = []
+        url = u
+        run.append(pos)
+    if run:
+        out.append(Piece(str(url), tuple(run)))
+    return out

@@ -142,9 +142,20 @@ def deepspeed_strategy_class() -> type:
             if self.global_rank == 0:
                 checkpoints.remove_path(staged)
             self.barrier("vlmlab-ds-ckpt-clean")
-            super().save_checkpoint(checkpoint, str(staged), storage_options)
-            if self.local_rank == 0:
-                checkpoints.fsync_tree(staged)
+
+            def write() -> None:
+                super(AtomicDeepSpeedStrategy, self).save_checkpoint(
+                    checkpoint, str(staged), storage_options
+                )
+                if self.local_rank == 0:
+                    checkpoints.fsync_tree(staged)
+
+            failure = checkpoints.agreed_failure(self, write)
+            if failure is not None:  # every rank raises: none waits for another at a barrier
+                if self.global_rank == 0:
+                    checkpoints.remove_path(staged)
+                kept = path if path.exists() else None
+                raise checkpoints.write_error(path, failure, kept, "DeepSpeed checkpoint")
             self.barrier("vlmlab-ds-ckpt-written")
             if self.global_rank == 0:
                 checkpoints.publish_folder(staged, path)

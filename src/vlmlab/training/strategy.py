@@ -262,11 +262,20 @@ def model_parallel_strategy(**kwargs: Any) -> Any:
             if self.global_rank == 0:
                 checkpoints.remove_path(staged)
             self.barrier("vlmlab-ckpt-clean")
-            super().save_checkpoint(checkpoint, staged, storage_options)
+            failure = checkpoints.agreed_failure(
+                self, lambda: super(cls, self).save_checkpoint(checkpoint, staged, storage_options)
+            )
+            if failure is not None:  # every rank knows: none waits at a barrier for another
+                if self.global_rank == 0:
+                    checkpoints.remove_path(staged)
+                kept = path if path.exists() else None
+                raise checkpoints.write_error(path, failure, kept, "sharded checkpoint")
             self.barrier("vlmlab-ckpt-written")
             if self.global_rank == 0:
                 checkpoints.publish_folder(staged, path)
             self.barrier("vlmlab-ckpt-swapped")
+
+    cls = AtomicModelParallelStrategy
 
     return AtomicModelParallelStrategy(**kwargs)
 
