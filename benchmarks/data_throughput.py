@@ -5,11 +5,15 @@
     transformers `CLIPImageProcessor` at 336 px, the conversation template and tokenisation,
     a torch DataLoader (shuffled) and LLaVA's collator (text-only samples get a zero image);
 (b) ours: the same data converted by `vlmlab shards`, streamed by VLMDataModule/ShardStream
-    with the encoder's ImageTransform at 336 px, the same template and tokenizer, our collate.
+    with the encoder's ImageTransform at 336 px, the same template and tokenizer, our collate;
+    once with the original JPEGs in the shards, once with `--presize` shards.
 
-Same samples, worker count, batch size and tokenizer; the first batches (worker start-up) are
-excluded. Prints samples/s of both and the ratio (target: ours >= 2x). Timings on a shared
-machine are noisy: compare ratios from one run, not absolute numbers across runs.
+Also, in the same run: the bare image path of one process (decode + pad + resize + normalise
+of the shards' JPEG bytes, already in memory, nothing else), whose rate times the worker count
+is the limit of the JPEG path, and the CPU seconds per sample of each loader (main process and
+its workers, over the whole epoch). Same samples, worker count, batch size and tokenizer; the
+first batches (worker start-up) are excluded from the rates. Timings on a shared machine are
+noisy: compare ratios from one run, not absolute numbers across runs.
 
     python benchmarks/data_throughput.py [--samples 2000] [--workers 2] [--batch-size 16]
 """
@@ -21,9 +25,11 @@ import copy
 import json
 import logging
 import os
+import resource
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from vlmlab.data.convert import encoder_transform
 from vlmlab.data.datamodule import VLMDataModule
 from vlmlab.data.synthetic_llava import write_llava_dataset
 from vlmlab.data.tokenize import TextEncoder
+from vlmlab.data.validate import decode_image
 from vlmlab.models.image_transform import ImageTransform, expand_to_square
 from vlmlab.models.llm import build_tokenizer
 from vlmlab.text import IGNORE_INDEX, IMAGE_TOKEN
@@ -69,7 +76,12 @@ class LlavaStyleDataset(Dataset):
             pixels = torch.zeros(3, self.size, self.size)  # LLaVA: zero image for text-only
         conversations = copy.deepcopy(record["conversations"])
         out = self.encoder.encode(conversations, has_image="image" in record)
-        return {"input_ids": out["input_ids"], "labels": out["labels"], "image": pixels}
+        return {
+            "input_ids": out["input_ids"],
+            "labels": out["labels"],
+            "image": pixels,
+            "has_image": "image" in record,
+        }
 
 
 class LlavaCollator:
@@ -87,18 +99,68 @@ class LlavaCollator:
             "labels": labels,
             "attention_mask": input_ids.ne(self.pad_token_id),
             "images": torch.stack([x["image"] for x in instances]),
+            "num_images": sum(x["has_image"] for x in instances),  # text-only: a zero image
         }
 
 
-def samples_per_second(batches: Iterable[dict[str, Any]], warmup: int) -> tuple[float, int]:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (DataLoader workers are joined,
+    hence counted, when their iterator is exhausted)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Rate:
+    samples_per_s: float
+    images_per_s: float
+    timed: int  # samples after the warm-up batches
+    cpu_per_sample: float  # seconds, main process + workers, whole epoch
+
+
+def measure(
+    batches: Iterable[dict[str, Any]], warmup: int, images_of: Callable[[dict[str, Any]], int]
+) -> Rate:
     """Throughput after the first `warmup` batches (worker start-up, first file opens)."""
+    cpu = cpu_seconds()
     iterator = iter(batches)
+    total = images = 0
     for _ in range(warmup):
-        next(iterator)
+        total += len(next(iterator)["input_ids"])
     count, start = 0, time.perf_counter()
     for batch in iterator:
         count += len(batch["input_ids"])
-    return count / (time.perf_counter() - start), count
+        images += images_of(batch)
+    seconds = time.perf_counter() - start
+    del iterator  # joins the workers, so their CPU time is counted
+    return Rate(count / seconds, images / seconds, count, (cpu_seconds() - cpu) / (total + count))
+
+
+def bare_image_rate(payloads: list[bytes], transform: ImageTransform) -> tuple[float, float]:
+    """(images/s, CPU s/image) of one process doing only the image work of the JPEG path:
+    decode + pad + resize + normalise, from bytes in memory."""
+    cpu, start = time.process_time(), time.perf_counter()
+    for payload in payloads:
+        transform(decode_image(payload, orient=False))
+    seconds = time.perf_counter() - start
+    return len(payloads) / seconds, (time.process_time() - cpu) / len(payloads)
+
+
+def jpeg_payloads(shard_dir: Path, count: int) -> list[bytes]:
+    """The first `count` JPEGs of the shards, as bytes."""
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in shard_dir.glob("shard-*.tar"))
+    found: list[bytes] = []
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+        if "jpg" in sample:
+            found.append(sample["jpg"])
+        if len(found) == count:
+            break
+    return found
 
 
 def main() -> None:
@@ -111,6 +173,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="pkg://tiny_tokenizer")
     parser.add_argument("--template", default="vicuna_v1")
     parser.add_argument("--warmup-batches", type=int, default=4)
+    parser.add_argument(
+        "--bare-images", type=int, default=200, help="JPEGs timed for the bare image path"
+    )
     parser.add_argument(
         "--baseline-processor",
         choices=("torchvision", "pil"),
@@ -193,14 +258,50 @@ def main() -> None:
         f"workers={args.workers} batch={args.batch_size} size={args.size} "
         f"tokenizer={args.tokenizer} baseline processor={Processor.__name__}"
     )
-    base_rate, base_n = samples_per_second(baseline, args.warmup_batches)
-    print(f"baseline (LLaVA map-style):      {base_rate:8.1f} samples/s ({base_n} timed)")
-    for name, shard_dir in (("ours (original images)", shards), ("ours (--presize)", presized)):
-        rate, n = samples_per_second(ours(shard_dir), args.warmup_batches)
+    payloads = jpeg_payloads(shards, args.bare_images)
+    bare = [bare_image_rate(payloads, transform)]  # again at the end: the load drifts
+    rates = {"baseline (LLaVA map-style)": measure(baseline, args.warmup_batches, _llava_images)}
+    for name, shard_dir in (("ours (original JPEG)", shards), ("ours (--presize)", presized)):
+        rates[name] = measure(ours(shard_dir), args.warmup_batches, _our_images)
+    bare.append(bare_image_rate(payloads, transform))
+    bare_rate = sum(rate for rate, _ in bare) / len(bare)
+    bare_cpu = sum(cpu for _, cpu in bare) / len(bare)
+    limit = args.workers * bare_rate
+    print(
+        f"bare image path, 1 process (decode+pad+resize+normalise, {len(payloads)} JPEGs): "
+        f"{bare_rate:.1f} images/s ({' / '.join(f'{r:.1f}' for r, _ in bare)}), "
+        f"{bare_cpu * 1e3:.2f} ms CPU per image"
+    )
+    print(
+        f"limit of the JPEG path: {args.workers} workers x {bare_rate:.1f} = {limit:.1f} images/s"
+    )
+    base = rates["baseline (LLaVA map-style)"]
+    print(f"{'loader':<28} {'samples/s':>9} {'images/s':>9} {'vs base':>8} {'CPU ms/sample':>14}")
+    for name, rate in rates.items():
         print(
-            f"{name + ':':<32} {rate:8.1f} samples/s ({n} timed), {rate / base_rate:.2f}x baseline"
+            f"{name:<28} {rate.samples_per_s:9.1f} {rate.images_per_s:9.1f} "
+            f"{rate.samples_per_s / base.samples_per_s:7.2f}x {rate.cpu_per_sample * 1e3:14.2f}"
         )
-    print("target: ours >= 2x baseline")
+    jpeg = rates["ours (original JPEG)"]
+    print(
+        f"ours (original JPEG) / limit: {jpeg.images_per_s / limit:.2f} "
+        f"({jpeg.images_per_s:.1f} of {limit:.1f} images/s; target >= 0.70)"
+    )
+    images_share = jpeg.images_per_s / jpeg.samples_per_s
+    print(
+        f"CPU per image: bare {bare_cpu * 1e3:.2f} ms, ours (original JPEG) "
+        f"{jpeg.cpu_per_sample / images_share * 1e3:.2f} ms (all its work per sample / images per "
+        f"sample {images_share:.2f})"
+    )
+
+
+def _llava_images(batch: dict[str, Any]) -> int:
+    return int(batch["num_images"])
+
+
+def _our_images(batch: dict[str, Any]) -> int:
+    pixels = batch["pixel_values"]
+    return 0 if pixels is None else int(pixels.shape[0])
 
 
 if __name__ == "__main__":

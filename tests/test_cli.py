@@ -30,6 +30,9 @@ def _runs(root: Path, experiment: str) -> list:
 
 
 def test_sweep_over_connectors_gives_one_mlflow_run_each(tmp_path: Path) -> None:
+    """The README's sweep, each stage-1 job chained to the warm-up (init_from=auto; only a
+    complete stage is a parent, so the warm-up runs whole); 2 steps a job: what is checked is
+    one finished MLflow run per connector, not what they learn."""
     tiny = [*TINY_DATA, f"data.root={tmp_path / 'data'}"]
     warmup = _run([sys.executable, "train.py", "experiment=demo", "stage=lm", *tiny], tmp_path)
     assert warmup.returncode == 0, warmup.stderr[-3000:]
@@ -42,6 +45,7 @@ def test_sweep_over_connectors_gives_one_mlflow_run_each(tmp_path: Path) -> None
             "connector=linear,mlp",
             "stage=1",
             "experiment=demo",
+            "trainer.max_steps=2",
             *tiny,
         ],
         tmp_path,

@@ -8,6 +8,8 @@ must end on the weights of an uninterrupted 4-step run.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,30 +31,53 @@ RUN = (
 )
 
 
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Callable[[], Path]:
+    """One 2-rank run stopped after 2 steps (its samples recorded), shared by the resume tests:
+    each calls the returned function, which puts the run's root back as it was when it stopped
+    and returns it (the same root: paths.root is part of the run key that resume=auto uses)."""
+    root = tmp_path_factory.mktemp("fsdp") / "run"
+    run_train(root, data_root, *RUN, *stop_run(root), "trainer.max_steps=2")
+    kept = root.with_name("stopped")
+    shutil.copytree(root, kept)
+
+    def restore() -> Path:
+        shutil.rmtree(root)
+        shutil.copytree(kept, root)
+        return root
+
+    return restore
+
+
+def stop_run(root: Path) -> tuple[str, ...]:
+    """The overrides the stopped run and every run compared with it share."""
+    return ("data.num_workers=1", f"debug.record_samples={root / 'samples.jsonl'}")
+
+
 @pytest.mark.slow
-def test_fsdp_sharded_resume_of_a_frozen_llm_stage(tmp_path: Path, data_root: Path) -> None:
-    run_train(tmp_path / "straight", data_root, *RUN, "trainer.max_steps=4")
-    stopped = tmp_path / "stopped"
-    run_train(stopped, data_root, *RUN, "trainer.max_steps=2")
-    (last,) = stopped.glob("resume/*/last.ckpt")
+def test_fsdp_sharded_resume_of_a_frozen_llm_stage(
+    stopped: Callable[[], Path], tmp_path: Path, data_root: Path
+) -> None:
+    straight = tmp_path / "straight"
+    run_train(straight, data_root, *RUN, *stop_run(straight), "trainer.max_steps=4")
+    root = stopped()
+    (last,) = root.glob("resume/*/last.ckpt")
     assert last.is_dir()
     size = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
     frozen_llm_bytes = 2 * 1_000_000  # the tiny bf16 LLM alone is ~1M parameters
     assert size < frozen_llm_bytes, size  # connector + optimizer state only
-    for old in stopped.glob("checkpoints/*"):  # only the resumed run's final weights remain
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    run_train(stopped, data_root, *RUN, "trainer.max_steps=4", "resume=auto")
-    straight, resumed = final_weights(tmp_path / "straight"), final_weights(stopped)
-    assert straight.keys() == resumed.keys() and straight
-    for key, tensor in straight.items():
+    for old in root.glob("checkpoints/*"):  # only the resumed run's final weights remain
+        shutil.rmtree(old)
+    run_train(root, data_root, *RUN, *stop_run(root), "trainer.max_steps=4", "resume=auto")
+    expected, resumed = final_weights(straight), final_weights(root)
+    assert expected.keys() == resumed.keys() and expected
+    for key, tensor in expected.items():
         assert torch.equal(resumed[key], tensor), key
 
 
 @pytest.mark.slow
 def test_fsdp_sharded_checkpoint_resumes_at_another_world_size(
-    tmp_path: Path, data_root: Path
+    stopped: Callable[[], Path], data_root: Path
 ) -> None:
     """Stopped at 2 FSDP ranks after 2 steps, resumed at 1 (the shards re-split on load, the
     rest of the epoch re-planned): the epoch trains every sample exactly once."""
@@ -60,12 +85,11 @@ def test_fsdp_sharded_checkpoint_resumes_at_another_world_size(
 
     from vlmlab.training.audit import read_records
 
-    record = f"debug.record_samples={tmp_path / 'samples.jsonl'}"
-    run = (*RUN, "stage.epochs=1", "data.num_workers=1", record)
-    run_train(tmp_path, data_root, *run, "trainer.max_steps=2")
-    assert (next(tmp_path.glob("resume/*/last.ckpt")) / "meta.pt").is_file()  # sharded
-    run_train(tmp_path, data_root, *run, "trainer.devices=1", "data.num_workers=2", "resume=auto")
-    trained = Counter(i for r in read_records(tmp_path / "samples.jsonl") for i in r["ids"])
+    root = stopped()
+    assert (next(root.glob("resume/*/last.ckpt")) / "meta.pt").is_file()  # sharded
+    resume = ("trainer.devices=1", "data.num_workers=2", "resume=auto")
+    run_train(root, data_root, *RUN, *stop_run(root), *resume)
+    trained = Counter(i for r in read_records(root / "samples.jsonl") for i in r["ids"])
     assert len(trained) == 48 and set(trained.values()) == {1}, trained
 
 

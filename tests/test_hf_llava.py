@@ -7,7 +7,6 @@ folder and loaded back with plain transformers, offline.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -160,7 +159,16 @@ def test_processor_reproduces_our_pipeline(exported: Exported) -> None:
             "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
         }
     ]
-    assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
+    bos = exported.tokenizer.bos_token
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == bos + prompt
+    # tokenised with the image: our training ids, one BOS (the template writes it, so the
+    # processor adds none; vLLM's chat path adds none either)
+    messages[0]["content"][0]["image"] = image
+    batch = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert torch.equal(batch["input_ids"], ours["input_ids"])
+    assert ours["input_ids"][0, 0] == exported.tokenizer.bos_token_id
 
 
 def test_exported_folder_is_plain_transformers(exported: Exported) -> None:
@@ -171,6 +179,17 @@ def test_exported_folder_is_plain_transformers(exported: Exported) -> None:
     assert "local_files_only" not in tok_cfg
     config = json.loads((exported.dir / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    # the llava-hf weight names that vLLM's loader (and transformers 4) expect
+    from safetensors import safe_open
+
+    with safe_open(exported.dir / "model.safetensors", "pt") as f:
+        tops = {".".join(k.split(".")[:2]) for k in f.keys()}  # noqa: SIM118
+    assert {t for t in tops if t.startswith("vision_tower.")} == {"vision_tower.vision_model"}
+    assert {t.split(".")[0] for t in tops} == {
+        "vision_tower",
+        "multi_modal_projector",
+        "language_model",
+    }
 
 
 # ----------------------------------------------------------------------------- import
@@ -199,20 +218,10 @@ def test_import_roundtrip_equal_logits_and_generation(exported: Exported) -> Non
 
 def test_import_transformers4_llava_hf_layout(exported: Exported, tmp_path: Path) -> None:
     """Folders on the hub (llava-hf/llava-1.5-7b-hf) were written by transformers 4: weights
-    under `vision_tower.vision_model.*` and a CLIP/SigLIP preprocessor_config.json (no pad)."""
-    from safetensors.torch import load_file, save_file
-
+    under `vision_tower.vision_model.*` (as our export writes them) and a CLIP/SigLIP
+    preprocessor_config.json (no pad)."""
     legacy = tmp_path / "legacy"
     shutil.copytree(exported.dir, legacy)
-    tensors = load_file(legacy / "model.safetensors")
-    save_file(
-        {
-            re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v
-            for k, v in tensors.items()
-        },
-        legacy / "model.safetensors",
-        metadata={"format": "pt"},
-    )
     processor_cfg = json.loads((legacy / "processor_config.json").read_text())
     del processor_cfg["image_processor"]
     (legacy / "processor_config.json").write_text(json.dumps(processor_cfg))
@@ -333,10 +342,16 @@ def test_chat_template_matches_our_template(name: str, tokenizer: Any) -> None:
         {"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns
     ]
     render = tokenizer.apply_chat_template
+    bos = tokenizer.bos_token if template.adds_bos else ""
     full = render(messages, chat_template=jinja, tokenize=False)
-    assert full == "".join(text for text, _ in template.render(turns))
+    assert full == bos + "".join(text for text, _ in template.render(turns))
     prompt = render(messages[:3], chat_template=jinja, tokenize=False, add_generation_prompt=True)
-    assert prompt == template.prompt(turns[:3])
+    assert prompt == bos + template.prompt(turns[:3])
+    # the ids transformers (and vLLM's chat path: no special tokens added) get are our training's
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    ours = TextEncoder(tokenizer, template, 1, image_id, 512).encode_prompt(turns[:3])
+    ids = render(messages[:3], chat_template=jinja, add_generation_prompt=True, return_dict=False)
+    assert ids == ours.tolist()
 
 
 def test_plain_template_has_no_chat_template(tokenizer: Any) -> None:

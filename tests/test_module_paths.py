@@ -286,6 +286,20 @@ def _bad_half_shards(out: Path) -> None:
 RS_PROBE = "tests.test_module_paths.ReduceScatterProbe"
 
 
+def _fsdp_on(shards: Path) -> tuple[str, ...]:
+    """trainer=fsdp_cpu (2 ranks), stage 2 from scratch, micro-batch 4, the instruct set
+    replaced by `shards`, read in order (shuffle buffer 1)."""
+    return (
+        "trainer=fsdp_cpu",
+        "stage=2",
+        "stage.init_from=null",
+        "stage.evaluate=false",
+        "data.batch_size=4",
+        "data.shuffle_buffer=1",
+        f"data.mixtures={{instruct: [{{name: bad, path: '{shards}'}}]}}",
+    )
+
+
 @pytest.mark.slow
 def test_all_bad_micro_batch_on_one_fsdp_rank_finishes(tmp_path: Path, data_root: Path) -> None:
     """trainer=fsdp_cpu, 2 ranks, micro-batch 4, accumulation 2: one rank's micro-batches
@@ -301,14 +315,8 @@ def test_all_bad_micro_batch_on_one_fsdp_rank_finishes(tmp_path: Path, data_root
     command, env = train_command(
         tmp_path / "run",
         data_root,
-        "trainer=fsdp_cpu",
-        "stage=2",
-        "stage.init_from=null",
-        "stage.evaluate=false",
-        "data.batch_size=4",
-        "data.shuffle_buffer=1",
+        *_fsdp_on(tmp_path / "bad" / "shards"),
         "stage.global_batch_size=16",
-        f"data.mixtures={{instruct: [{{name: bad, path: '{tmp_path / 'bad' / 'shards'}'}}]}}",
         f"debug.record_samples={record}",
         f"trainer.extra_callbacks=[{{_target_: {RS_PROBE}, path: '{tmp_path}/rs'}}]",
     )
@@ -331,6 +339,58 @@ def test_all_bad_micro_batch_on_one_fsdp_rank_finishes(tmp_path: Path, data_root
         lines = (tmp_path / f"rs.rank{rank}.jsonl").read_text().splitlines()
         calls = [json.loads(line)["calls"] for line in lines]
         assert len(calls) == 4 and calls[0] == calls[2] == 0 < calls[1] == calls[3], calls
+
+
+def _alternating_shards(out: Path) -> None:
+    """4 shards of 4 good then 4 missing-image samples: with micro-batch 4 and shuffle buffer 1
+    every rank reads good, bad, good, bad whatever the shard order (ranks get whole shards)."""
+    from vlmlab.data.shapes import ShapesSpec, generate
+    from vlmlab.data.shards import write_shards
+
+    paths = generate(ShapesSpec(num_images=16, num_heldout=0, image_size=32, seed=5), out)
+    good = json.loads(paths["instruct"].read_text())
+    records = []
+    for shard in range(4):
+        records += good[4 * shard : 4 * shard + 4]
+        records += [
+            {**r, "id": f"bad{shard}{i}", "image": "gone.png"} for i, r in enumerate(good[:4])
+        ]
+    write_shards(records, out / "images", out / "shards", shard_sizes=[8] * 4)
+
+
+@pytest.mark.slow
+def test_all_bad_step_under_fsdp_trains_nothing_on_any_rank(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """trainer=fsdp_cpu, 2 ranks, micro-batch 4, no accumulation: step 1 is all-bad on both ranks
+    (no target token anywhere). Both ranks run its collectives (the run finishes), it changes
+    no weight shard on any rank (AdamW's momentum from step 0 would move them under a zero
+    gradient: the step is skipped, not stepped with zeros), and it is counted in
+    `train/skipped_empty`; steps 0 and 2 train."""
+    from tests.test_nonfinite import poison, step_ids, weights_after
+
+    _alternating_shards(tmp_path / "bad")
+    record = tmp_path / "weights"
+    command, env = train_command(
+        tmp_path / "run",
+        data_root,
+        *_fsdp_on(tmp_path / "bad" / "shards"),
+        "stage.global_batch_size=8",
+        "trainer.max_steps=3",
+        poison([], record),  # no poison: records each rank's ids and weight-shard digests
+    )
+    proc = _run_group(command, env, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        ids = step_ids(record, rank)
+        assert len(ids[0]) == len(ids[2]) == 4 and ids[1] == [], (rank, ids)
+        after = weights_after(record, rank)
+        assert sorted(after) == [1, 2, 3], rank
+        assert after[2]["digest"] == after[1]["digest"], rank  # the all-bad step: no update
+        assert after[3]["digest"] != after[2]["digest"], rank  # training went on
+    empty = dict(_metric_history(tmp_path / "run", "train/skipped_empty"))
+    assert empty == {0: 0.0, 1: 1.0, 2: 1.0}, empty
+    assert _metric_history(tmp_path / "run", "data/skipped/missing_image")[-1][1] == 8
 
 
 # ---- 2-rank DDP resume: every rank continues its own random streams -------------------------

@@ -79,10 +79,10 @@ def test_basic_sweep_parent_children_and_report(tmp_path: Path, shared_data: Pat
     assert "connector=linear,mlp" in parent.data.tags["vlmlab.sweep_command"]
     assert parent.data.metrics["sweep/jobs_finished"] == 4
     assert sorted(r.info.run_name for r in children) == [
-        "stage1-connector=linear-seed1",
-        "stage1-connector=linear-seed2",
-        "stage1-connector=mlp-seed1",
-        "stage1-connector=mlp-seed2",
+        "s1-linear-seed1",
+        "s1-linear-seed2",
+        "s1-mlp-seed1",
+        "s1-mlp-seed2",
     ]
     for run in children:
         assert run.info.status == "FINISHED"

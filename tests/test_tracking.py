@@ -62,7 +62,7 @@ def test_run_records_identity_metrics_and_artifacts(compose_cfg, tmp_path: Path)
     tags = run.data.tags
 
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "stage1-connector=linear"
+    assert run.info.run_name == "s1-linear"
     commit = git_commit()["git.commit"]
     assert tags["git.commit"] == commit and len(commit) == 40
     assert tags["git.dirty"] in ("true", "false")
@@ -157,11 +157,11 @@ def test_stage2_lineage_tag_is_a_valid_init_from(compose_cfg, tmp_path: Path) ->
 def test_run_name_is_readable() -> None:
     choices = {"encoder": "clip336", "connector": "mlp", "llm": "vicuna7b", "stage": "1"}
     sweep = ["connector=mlp", "encoder=clip336", "seed=1", "stage='1'", "trainer.max_steps=5"]
-    assert run_name("1", choices, sweep) == "stage1-connector=mlp-encoder=clip336-seed1"
-    assert run_name("2", choices, []) == "stage2-encoder=clip336-connector=mlp-llm=vicuna7b"
+    assert run_name("1", choices, sweep) == "s1-mlp-clip336-seed1"
+    assert run_name("2", choices, []) == "s2-clip336-mlp-vicuna7b"
     swept = ("connector", "encoder.config.image_size", "seed")
     job = ["connector=mlp", "encoder.config.image_size=48", "seed=3", "data.batch_size=8"]
-    assert run_name("2", choices, job, swept) == "stage2-connector=mlp-image_size=48-seed3"
+    assert run_name("2", choices, job, swept) == "s2-mlp-image_size=48-seed3"
 
 
 def test_git_commit_outside_a_checkout_is_unknown(tmp_path: Path) -> None:

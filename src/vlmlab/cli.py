@@ -72,13 +72,62 @@ VERBS: dict[str, Verb] = {
     ),
     "curate": Verb(
         "filter + deduplicate LLaVA JSON, with a report: vlmlab curate JSON --image-root DIR --out DIR [key=value]",
-        "vlmlab.curate.cli:main",
+        "vlmlab.cli:curate",
     ),
     "generate": Verb(
         "LLaVA data from captions + boxes via an OpenAI-compatible endpoint or a local model: vlmlab generate DATA --out DIR [key=value]",
-        "vlmlab.curate.generate.cli:main",
+        "vlmlab.cli:generate",
     ),
 }
+
+
+def _tracked_data_verb(verb: str, argv: list[str]) -> int:
+    """Run `vlmlab curate|generate`, then log its output folder as an MLflow run
+    (tracking/data_runs.py) in `--tracking-uri`, else MLFLOW_TRACKING_URI, else the training
+    store when VLMLAB_ROOT is set (none of them: not logged, said once), experiment
+    `--experiment` (vlmlab-data); `--no-tracking` skips it."""
+    import os
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out")
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--experiment", default="vlmlab-data")
+    parser.add_argument("--no-tracking", action="store_true")
+    known, _ = parser.parse_known_args(argv)
+    rest = [a for a in argv if a != "--no-tracking"]
+    for flag in ("--tracking-uri", "--experiment"):  # the verb's own parser does not know them
+        while flag in rest:
+            i = rest.index(flag)
+            del rest[i : i + 2]
+        rest = [a for a in rest if not a.startswith(flag + "=")]
+    module = {"curate": "vlmlab.curate.cli", "generate": "vlmlab.curate.generate.cli"}[verb]
+    code = int(importlib.import_module(module).main(rest))
+    if known.no_tracking or known.out is None or code not in (0, 1):
+        return code
+    if not (Path(known.out) / "summary.json").is_file():
+        return code
+    from vlmlab.tracking.data_runs import log_data_run
+    from vlmlab.tracking.runs import default_tracking_uri
+
+    if not (
+        known.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "VLMLAB_ROOT" in os.environ
+    ):
+        log.info(
+            "not logged to MLflow: give --tracking-uri (or set MLFLOW_TRACKING_URI / VLMLAB_ROOT)"
+        )
+        return code
+    uri = known.tracking_uri or default_tracking_uri()
+    log_data_run(verb, Path(known.out), rest, uri, known.experiment)
+    return code
+
+
+def curate(argv: list[str]) -> int:
+    return _tracked_data_verb("curate", argv)
+
+
+def generate(argv: list[str]) -> int:
+    return _tracked_data_verb("generate", argv)
 
 
 def _hydra_task(cfg: Any) -> float | None:

@@ -539,9 +539,64 @@ def plan(
         "vocab_source": info["vocab_source"],
         "memory": asdict(memory),
         "memory_gb_per_gpu": round(memory.total_gb, 3),
+        "feature_cache": feature_cache_plan(cfg, model),
         "notes": info["notes"] + memory.notes,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+LCS_558K = 558_128  # LLaVA-1.5 stage-1 images: the reference size when no manifest is found
+
+
+def feature_cache_plan(cfg: DictConfig, model: Any) -> dict[str, Any]:
+    """What `data.features` would cost on disk and save in memory (data/features.py).
+
+    The cache holds N x Dv features per image in `data.feature_dtype` (null: the encoder's);
+    with it the tower is never loaded, which saves its weights as held.
+    """
+    from vlmlab.data.features import cache_size_bytes, encoder_trains
+    from vlmlab.models.vision import DTYPES
+
+    encoder = model.encoder
+    dtype = str(cfg.data.get("feature_dtype") or cfg.encoder.get("dtype") or "float32")
+    per_image = cache_size_bytes(1, int(encoder.num_tokens), int(encoder.hidden_size), dtype)
+    weights = sum(p.numel() * p.element_size() for p in encoder.parameters())
+    images, where = LCS_558K, "LCS-558K, for reference"
+    try:
+        from vlmlab.data.prepare import data_source
+        from vlmlab.data.shards import read_manifest
+
+        shard_dir = data_source(schema.typed(cfg.data, schema.DataConfig)).set_dir(
+            str(cfg.stage.dataset), "stage.dataset"
+        )
+        images, where = int(read_manifest(shard_dir)["num_with_image"]), str(shard_dir)
+    except Exception:  # not converted or generated yet: the reference size instead
+        pass
+    usable = not encoder_trains(_plain(cfg.stage)) and cfg.encoder.get("image", "pad") == "pad"
+    return {
+        "mode": str(cfg.data.get("features", "off")),
+        "dtype": dtype if dtype in DTYPES else "float32",
+        "bytes_per_image": per_image,
+        "images": images,
+        "images_from": where,
+        "size_gb": round(per_image * images / 1e9, 3),
+        "usable": usable,  # the stage's encoder is frozen and images are single tiles
+        "encoder_weights_gb_saved": round(weights / 1e9, 3) if usable else 0.0,
+    }
+
+
+def _feature_line(result: dict[str, Any]) -> str:
+    cache = result["feature_cache"]
+    size = (
+        f"{cache['bytes_per_image'] / 1e6:.2f} MB per image x {cache['images']:,} images "
+        f"({cache['images_from']}) = {cache['size_gb']:.1f} GB on disk ({cache['dtype']})"
+    )
+    if not cache["usable"]:
+        return f"feature cache: not used by this stage (its encoder trains or tiles); {size}"
+    return (
+        f"feature cache (data.features={cache['mode']}): {size}; the vision tower is not "
+        f"loaded: {cache['encoder_weights_gb_saved']:.2f} GB of weights saved per GPU"
+    )
 
 
 def _checkpointing_line(mem: dict[str, Any]) -> str:
@@ -601,6 +656,7 @@ def format_plan(result: dict[str, Any]) -> str:
         "(gathered shards / autocast casts / DDP buckets)",
         f"  activations    {mem['activations_gb']:9.2f} GB  (rough, see `vlmlab.plan` docs)",
         f"  total          {mem['total_gb']:9.2f} GB",
+        _feature_line(result),
     ]
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)

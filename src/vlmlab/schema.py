@@ -194,6 +194,15 @@ class MixtureSourceConfig:
 
 
 @dataclass
+class FetchConfig:
+    """`data.fetch` (data/remote.py): reading shards from URLs / object stores / pipe: commands."""
+
+    retries: int = 8  # failed tries in a row before a read gives up (each resumes at its byte)
+    timeout: float = 60.0  # seconds a connection may stall
+    backoff: float = 0.5  # first pause between tries, doubling up to 30 s
+
+
+@dataclass
 class DataConfig:
     name: str = "shapes"
     _target_: str = "vlmlab.data.prepare.ShapesSource"  # the data-source kind (data/prepare.py)
@@ -210,9 +219,19 @@ class DataConfig:
     mixture_size: int | None = None
     group_by_length: bool = False
     group_megabatch: int = 16
+    # rows of whole samples up to max_length, packed from a look-ahead of group_megabatch
+    # batches (data/packing.py); group_by_length then has no effect
+    packing: bool = False
     # data.tokenize.TextEncoder; None: the stage template's own (vicuna_v1/plain: front, reject)
     image_placement: str | None = None  # front (LLaVA's preprocess_multimodal) | as_is
     special_text: str | None = None  # reject | as_text: control-token text inside the data
+    # data/features.py: auto | off | require; stored dtype (None: the encoder's, exact)
+    features: str = "off"
+    feature_dtype: str | None = None
+    # a shard that cannot be read (missing, unreachable after data.fetch.retries): error (naming
+    # it) | skip (its samples counted as data/skipped/missing_shard)
+    missing_shards: str = "error"
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
 @dataclass
@@ -239,6 +258,11 @@ class LoggerConfig:
     http_retries: int = 0  # MLflow's retries per request (vlmlab's sender retries itself)
     retry_interval: float = 5.0  # longest pause between tries while the server is away
     flush_timeout: float = 30.0  # at the end, seconds to wait for an absent server
+    # The MLflow UI (tracking/ui.py, models.py, callbacks.SystemMetrics)
+    ui_url: str | None = None  # where the UI is served; null: the http(s) store, else :5000
+    system_metrics: bool | None = None  # CPU/memory/GPU metrics; null: on when training on a GPU
+    system_metrics_interval: float = 10.0  # seconds between samples
+    model_name: str | None = None  # registered model of a stage; null: <experiment>-stage<N>
 
 
 @dataclass

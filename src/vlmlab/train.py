@@ -20,8 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmlab import checkpoints, launch, schema, stages
 from vlmlab.checkpoints import CheckpointMeta
+from vlmlab.data import features as features_mod
 from vlmlab.data.build import build_datamodule, data_checksum
+from vlmlab.data.features import FeatureCache
+from vlmlab.data.mixture import Source
 from vlmlab.data.prepare import ResolvedDataset, resolve_dataset
+from vlmlab.data.remote import as_location
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.eval.callback import BenchmarkEval, SampleAnswers, build_eval_callback
@@ -32,6 +36,7 @@ from vlmlab.schema import TrainerConfig
 from vlmlab.stages.policy import format_table
 from vlmlab.text.templates import get_template
 from vlmlab.tracking import callbacks as tracking
+from vlmlab.tracking.datasets import stage_inputs
 from vlmlab.tracking.journal import close_logger
 from vlmlab.tracking.logger import (
     RunIdentity,
@@ -42,6 +47,7 @@ from vlmlab.tracking.logger import (
     logger_settings,
     store_uri,
 )
+from vlmlab.tracking.models import model_name
 from vlmlab.tracking.outcome import ExceptionRecorder, track_outcome
 from vlmlab.tracking.runs import RunState, checkpoint_of_run
 from vlmlab.training import strategy as strategies
@@ -71,6 +77,10 @@ _NOT_IDENTITY = (
     "logger.http_retries",
     "logger.retry_interval",
     "logger.flush_timeout",
+    "logger.ui_url",  # what the MLflow UI shows, not what the run computes
+    "logger.system_metrics",
+    "logger.system_metrics_interval",
+    "logger.model_name",
 )
 
 
@@ -260,9 +270,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
     started = time.time()
     ctx = run_context(cfg)
-    model, tokenizer = build_model(cfg)  # embed -> encode -> project -> scatter -> decode
+    features = feature_cache(cfg, ctx)  # frozen encoder: its outputs, computed once (or None)
+    model, tokenizer = build_model(cfg, features)  # embed -> encode -> project -> scatter -> decode
     start, plan = start_and_policy(cfg, ctx, model)  # init/resume, then what trains
-    data = stage_data(cfg, ctx, model, tokenizer)
+    data = stage_data(cfg, ctx, model, tokenizer, features)
     logger = tracked.logger = start_logger(cfg, ctx, data)
     module = training_module(cfg, ctx, model, plan, start, data, logger)
     stage_callbacks = build_callbacks(
@@ -285,7 +296,7 @@ def _train(cfg: DictConfig, tracked: _Tracked) -> dict[str, Any]:
         default_root_dir=str(launch.lightning_root(ctx.resume_dir)),  # hpc_ckpt_* of this run
     )
     if trainer.is_global_zero:
-        record_start(cfg, ctx, start, plan, logger)
+        record_start(cfg, ctx, start, plan, logger, data)
     resume = str(ctx.resume_from) if ctx.resume_from is not None else None
     trainer.fit(module, datamodule=data.datamodule, ckpt_path=resume)
 
@@ -329,10 +340,94 @@ def run_context(cfg: DictConfig) -> RunContext:
     )
 
 
-def build_model(cfg: DictConfig) -> tuple[Any, Any]:
-    """The VLM and its tokenizer (base weights; quantized when the stage says so)."""
+def build_model(cfg: DictConfig, features: FeatureCache | None = None) -> tuple[Any, Any]:
+    """The VLM and its tokenizer (base weights; quantized when the stage says so). On a
+    feature cache the encoder slot holds a stand-in: the tower is never built or loaded."""
     quantize = as_dict(cfg.stage.quantize) if cfg.stage.get("quantize") else None
-    return build_vlm(cfg.encoder, cfg.connector, cfg.llm, quantization=quantize)
+    vision = features.stand_in() if features is not None else None
+    return build_vlm(cfg.encoder, cfg.connector, cfg.llm, quantization=quantize, vision=vision)
+
+
+def _chain_has_encoder(init: Path | None, hf_base: str | None) -> bool:
+    """Whether the weights a stage starts from replace the preset encoder's (an HF Llava
+    folder, or a checkpoint in the chain that trained the encoder)."""
+    from safetensors import safe_open
+
+    if hf_base:
+        return True
+    current = init
+    while current is not None:
+        meta = checkpoints.read_meta(current)
+        if meta.hf_base:
+            return True
+        with safe_open(str(current / checkpoints.WEIGHTS), framework="pt") as weights:
+            if any(str(k).startswith("encoder.") for k in weights.keys()):  # noqa: SIM118
+                return True
+        current = Path(meta.parent) if meta.parent else None
+    return False
+
+
+def feature_cache(cfg: DictConfig, ctx: RunContext) -> FeatureCache | None:
+    """`data.features`: the stage's encoder outputs from a cache (computed here once, under a
+    lock parallel jobs share), or None to read pixels. `auto` uses the cache when the stage
+    can, `require` fails naming every reason it cannot."""
+    mode = str(cfg.data.get("features", "off"))
+    if mode not in features_mod.MODES:
+        raise ConfigError(
+            "data.features", f"got {mode!r}.", f"use one of {list(features_mod.MODES)}."
+        )
+    if mode == "off":
+        return None
+    reasons = []
+    encoder = as_dict(cfg.encoder)
+    if features_mod.encoder_trains(as_dict(cfg.stage)):
+        reasons.append(
+            f"stage {cfg.stage.name} trains the encoder (stage.train / train_last / lora)"
+        )
+    if bool(cfg.stage.get("evaluate")):
+        reasons.append("stage.evaluate=true generates from pixels, which needs the tower")
+    key = features_mod.feature_key(encoder, cfg.data.get("feature_dtype"))
+    if isinstance(key, str):
+        reasons.append(key)
+    if not reasons:
+        init_from = str(cfg.stage.get("init_from") or "")
+        hf_base = init_from.removeprefix("hf:") if init_from.startswith("hf:") else None
+        if ctx.resume_from is not None:
+            init = Path(ctx.state.init) if ctx.state.init else None
+            hf_base = ctx.state.hf_base
+        else:
+            try:
+                found = resolve_init(
+                    cfg, fingerprints_of(cfg), ctx.ckpt_root, ctx.choices, ctx.store_uri
+                )
+                init = None if hf_base else found
+            except ConfigError:
+                init = None  # start_and_policy raises it with every other problem
+        if _chain_has_encoder(init, hf_base):
+            reasons.append("the weights this stage starts from replace the preset's encoder")
+    sources: list[Source] = []
+    if not reasons:
+        data_cfg = schema.typed(cfg.data, schema.DataConfig)
+        dataset = resolve_dataset(data_cfg, str(cfg.stage.dataset))
+        if dataset["prepare"] is not None:
+            dataset["prepare"]()  # the image shards must exist before their features
+        sources = dataset["sources"] or [
+            Source("data", as_location(str(dataset["shard_dir"])), key="stage.dataset")
+        ]
+        remote = [str(s.shard_dir) for s in sources if not features_mod.is_local(s.shard_dir)]
+        if remote:
+            reasons.append(f"the cache is written next to local shards, not at {remote[0]}")
+    if reasons:
+        if mode == "require":
+            raise ConfigError(
+                "data.features",
+                "require: this stage cannot train on cached features: " + "; ".join(reasons) + ".",
+                "use data.features=auto (pixels when the cache cannot serve) or off.",
+            )
+        log.info("data.features=auto: reading pixels (%s)", "; ".join(reasons))
+        return None
+    assert not isinstance(key, str)
+    return features_mod.ensure_features(sources, encoder, key)
 
 
 def fingerprints_of(cfg: DictConfig) -> dict[str, str]:
@@ -404,8 +499,16 @@ class StageData:
     total_steps: int  # optimizer steps of the whole stage
 
 
-def stage_data(cfg: DictConfig, ctx: RunContext, model: Any, tokenizer: Any) -> StageData:
-    """Text encoding for this model, the stage's dataset and DataModule, the schedule length."""
+def stage_data(
+    cfg: DictConfig,
+    ctx: RunContext,
+    model: Any,
+    tokenizer: Any,
+    features: FeatureCache | None = None,
+) -> StageData:
+    """Text encoding for this model, the stage's dataset and DataModule, the schedule length.
+    On a feature cache the DataModule reads the feature shards: the same samples, cut and
+    ordered as the image shards (data/features.py)."""
     data_cfg = schema.typed(cfg.data, schema.DataConfig)
     text_encoder = TextEncoder.for_model(
         model,
@@ -416,9 +519,12 @@ def stage_data(cfg: DictConfig, ctx: RunContext, model: Any, tokenizer: Any) -> 
         special_text=data_cfg.special_text,
     )
     dataset = resolve_dataset(data_cfg, str(cfg.stage.dataset))
+    read = dict(dataset) if features is None else {**dataset, "shard_dir": None}
+    if features is not None:
+        read["sources"] = features.sources
     datamodule = build_datamodule(
         data_cfg,
-        dataset,
+        read,  # type: ignore[arg-type]
         text_encoder,
         model.image_processor,
         seed=int(cfg.seed),
@@ -472,14 +578,20 @@ def training_module(
 
 
 def record_start(
-    cfg: DictConfig, ctx: RunContext, start: StageStart, plan: stages.StagePlan, logger: Any
+    cfg: DictConfig,
+    ctx: RunContext,
+    start: StageStart,
+    plan: stages.StagePlan,
+    logger: Any,
+    data: StageData,
 ) -> None:
     """Rank zero, before fit: the run state a resume continues, and a fresh run's record."""
     run_id = getattr(logger, "run_id", None)
     init = str(start.init) if start.init else None
     RunState(init, start.hf_base, run_id, final=ctx.state.final).write(ctx.resume_dir)
     if logger is not None and ctx.resume_from is None:
-        log_run_start(logger, run_start(cfg, ctx, plan, start))
+        inputs = stage_inputs(data.dataset, str(cfg.stage.dataset))
+        log_run_start(logger, dataclasses.replace(run_start(cfg, ctx, plan, start), inputs=inputs))
 
 
 @dataclass(frozen=True)
@@ -497,6 +609,7 @@ class CallbackSettings:
     samples: int = 0  # logger.samples: held-out answers logged at the end
     peak_flops: float | None = None
     record_samples: str | None = None  # debug.record_samples
+    system_metrics: tracking.SystemMetrics | None = None  # logger.system_metrics
     extra: list[dict[str, Any]] = field(default_factory=list)  # trainer.extra_callbacks
 
 
@@ -545,11 +658,15 @@ def build_callbacks(
         callbacks += [LearningRateMonitor(logging_interval="step"), tracking.GradNorm()]
         samples = 0 if settings.sharded else settings.samples
         heldout, images = dataset["heldout"], dataset["image_root"]
+        if getattr(model.encoder, "cached", False):  # no tower to answer from pixels
+            samples = 0
         if samples and heldout is not None and images is not None:
             answers = SampleAnswers(
                 text_encoder, model.image_processor, heldout, images, num_samples=samples
             )
             callbacks += [answers, tracking.LogSamples(answers)]
+        if settings.system_metrics is not None:
+            callbacks.append(settings.system_metrics)
     recorder = ExceptionRecorder()
     callbacks.append(tracking.RankAgreement(settings.run_key))
     callbacks.append(launch.SlurmRequeue(settings.resume_dir))  # inactive outside a SLURM job
@@ -572,7 +689,27 @@ def callback_settings(cfg: DictConfig, ctx: RunContext, logger: Any) -> Callback
         samples=int(cfg.logger.get("samples", 0) or 0),
         peak_flops=strategies.peak_flops(ctx.trainer),
         record_samples=debug.get("record_samples"),
+        system_metrics=system_metrics(cfg, ctx, logger),
         extra=list(ctx.trainer.extra_callbacks),
+    )
+
+
+def system_metrics(
+    cfg: DictConfig, ctx: RunContext, logger: Any
+) -> tracking.SystemMetrics | None:
+    """MLflow's system-metrics monitor when `logger.system_metrics` (null: on GPU runs) and the
+    run logs to MLflow."""
+    import torch
+
+    wanted = cfg.logger.get("system_metrics")
+    if wanted is None:
+        wanted = str(ctx.trainer.accelerator) in ("gpu", "cuda") or (
+            str(ctx.trainer.accelerator) == "auto" and torch.cuda.is_available()
+        )
+    if not wanted or logger is None or ctx.store_uri is None:
+        return None
+    return tracking.SystemMetrics(
+        ctx.store_uri, float(cfg.logger.get("system_metrics_interval", 10.0))
     )
 
 
@@ -653,7 +790,10 @@ def save_stage(
         path = checkpoints.save_trainable(model, path, meta, final_weights)
     result["checkpoint"] = str(path)
     if logger is not None:
-        log_checkpoint(logger, path, checkpoints.read_meta(path))
+        model = model_name(
+            cfg.logger.get("model_name"), str(cfg.logger.experiment_name), str(cfg.stage.name)
+        )
+        log_checkpoint(logger, path, checkpoints.read_meta(path), model if complete else None)
     if complete:
         (ctx.resume_dir / "FINISHED").write_text(result["checkpoint"] + "\n")
     return result

@@ -15,7 +15,8 @@ from PIL import Image
 
 from vlmlab.data.datamodule import VLMDataModule
 from vlmlab.data.prepare import ResolvedDataset
-from vlmlab.data.shards import MANIFEST
+from vlmlab.data.remote import FetchPolicy
+from vlmlab.data.shards import manifest_bytes
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.schema import DataConfig
 
@@ -44,22 +45,29 @@ def build_datamodule(
         mixture_size=data.mixture_size,
         group_by_length=data.group_by_length,
         group_megabatch=data.group_megabatch,
+        packing=data.packing,
+        fetch=FetchPolicy(
+            retries=data.fetch.retries,
+            timeout=data.fetch.timeout,
+            backoff=data.fetch.backoff,
+            missing=data.missing_shards,
+        ),
     )
     datamodule.prepare_data()  # before the schedule is sized from the manifest
     return datamodule
 
 
-def manifest_checksum(shard_dir: Path) -> str:
-    """sha256 of a shard set's manifest.json (it lists every shard's sha256): the data identity."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        return "unknown"
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def manifest_checksum(shard_dir: Path | str) -> str:
+    """sha256 of a shard set's manifest.json (it lists every shard's sha256): the data identity.
+
+    `shard_dir`: a local folder or a remote location (`remote.py`)."""
+    manifest = manifest_bytes(shard_dir)
+    return "unknown" if manifest is None else hashlib.sha256(manifest).hexdigest()
 
 
 def data_checksum(dataset: ResolvedDataset, datamodule: VLMDataModule) -> str:
     """The identity of what the stage reads: a shard set's manifest, or a mixture's manifests
     and weights."""
     if dataset["shard_dir"] is not None:
-        return manifest_checksum(Path(dataset["shard_dir"]))
+        return manifest_checksum(dataset["shard_dir"])
     return datamodule.mixture().checksum()

@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmlab.data.shards import MANIFEST, _add_member
+from vlmlab.data.remote import is_remote, upload
+from vlmlab.data.shards import MANIFEST, _add_member, sample_offsets
 from vlmlab.data.validate import (
     Accepted,
     Rejected,
@@ -144,6 +146,7 @@ class ShardResult:
     image: int
     text: int
     reused: bool
+    offsets: tuple[int, ...] = ()  # `shards.sample_offsets`: readers fetch only their samples
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -152,6 +155,7 @@ class ShardResult:
             "bytes": self.bytes,
             "sha256": self.sha256,
             "modality": {"image": self.image, "text": self.text},
+            "offsets": list(self.offsets),
         }
 
 
@@ -177,7 +181,10 @@ def write_shard(plan: ShardPlan, out_dir: Path, image_root: Path) -> ShardResult
     path = out_dir / plan.name
     sha = _finished(plan, out_dir)
     if sha is not None:
-        return ShardResult(plan.name, bytes=path.stat().st_size, sha256=sha, reused=True, **counts)
+        offsets = tuple(sample_offsets(path))
+        return ShardResult(
+            plan.name, bytes=path.stat().st_size, sha256=sha, reused=True, offsets=offsets, **counts
+        )
     tmp = out_dir / f"{plan.name}.tmp-{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in plan.samples:
@@ -195,7 +202,10 @@ def write_shard(plan: ShardPlan, out_dir: Path, image_root: Path) -> ShardResult
     sidecar = {"fingerprint": plan.fingerprint(), "sha256": sha}
     _atomic_write(out_dir / PARTS / f"{plan.name}.json", json.dumps(sidecar).encode())
     os.replace(tmp, path)
-    return ShardResult(plan.name, bytes=path.stat().st_size, sha256=sha, reused=False, **counts)
+    offsets = tuple(sample_offsets(path))
+    return ShardResult(
+        plan.name, bytes=path.stat().st_size, sha256=sha, reused=False, offsets=offsets, **counts
+    )
 
 
 _WRITE_CONTEXT: tuple[Path, Path] | None = None
@@ -319,6 +329,28 @@ def convert(
     return manifest
 
 
+def staging_dir(url: str) -> Path:
+    """Where shards for a remote `--out` are written before upload: kept per URL (under
+    VLMLAB_CACHE, default ~/.cache/vlmlab), so a rerun after an interruption keeps finished
+    shards as a local --out does."""
+    root = Path(os.environ.get("VLMLAB_CACHE", "~/.cache/vlmlab")).expanduser()
+    return root / "shards-out" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def publish(local: Path, url: str, manifest: dict[str, Any]) -> None:
+    """Upload a converted folder to `url` (`remote.upload`): shards, the rejected report, then
+    the manifest last, so a reader never sees a manifest naming a shard not there yet. The
+    staging folder is removed once everything is up."""
+    base = url.rstrip("/")
+    names = [s["name"] for s in manifest["shards"]]
+    for name in _progress(names, len(names), "upload"):
+        upload(local / name, f"{base}/{name}")
+    upload(local / REJECTED, f"{base}/{REJECTED}")
+    upload(local / MANIFEST, f"{base}/{MANIFEST}")
+    log.info("uploaded %d shards and the manifest to %s", len(names), base)
+    shutil.rmtree(local)
+
+
 def _encoder_preset(preset: str, flag: str) -> Any:
     """conf/encoder/<preset>.yaml as loaded (not composed), or a ConfigError naming `flag`."""
     from omegaconf import OmegaConf
@@ -407,7 +439,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-root", type=Path, required=True, help="folder `image` paths are relative to"
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder, or a URL: s3://, gs:// (fsspec with s3fs/gcsfs), any fsspec-writable "
+        "location, or http(s):// that takes PUT; remote output is staged locally and uploaded, "
+        "the manifest last",
+    )
     parser.add_argument(
         "--samples-per-shard", type=_positive, help="at most this many samples per shard"
     )
@@ -514,10 +552,11 @@ def main(argv: list[str]) -> int:
                 {"encoder": args.presize, **dataclasses.asdict(presize)} if presize else None
             ),
         }
+        out_dir = staging_dir(args.out) if is_remote(args.out) else Path(args.out)
         manifest = convert(
             args.json,
             args.image_root,
-            args.out,
+            out_dir,
             validator,
             samples_per_shard=args.samples_per_shard,
             max_shard_bytes=args.max_shard_bytes,
@@ -525,6 +564,8 @@ def main(argv: list[str]) -> int:
             settings=settings,
             presize=presize,
         )
+        if is_remote(args.out):
+            publish(out_dir, args.out, manifest)
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
@@ -534,11 +575,15 @@ def main(argv: list[str]) -> int:
         f"({manifest['_reused']} kept from a previous run) -> {args.out}"
     )
     print(
-        f"rejected {manifest['num_rejected']} of {manifest['num_input']} entries -> {args.out / REJECTED}"
+        f"rejected {manifest['num_rejected']} of {manifest['num_input']} entries -> "
+        f"{args.out.rstrip('/')}/{REJECTED}"
     )
     for reason, count in manifest["rejected"].items():
         print(f"  {reason}: {count}")
     if manifest["num_samples"] == 0:
-        print(f"{prog}: no entry passed validation; see {args.out / REJECTED}", file=sys.stderr)
+        print(
+            f"{prog}: no entry passed validation; see {args.out.rstrip('/')}/{REJECTED}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -15,7 +15,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlmlab.data.features import read_cached
 from vlmlab.data.grouping import form_batches, padding_counts
 from vlmlab.data.mixture import Mixture, Source
-from vlmlab.data.shards import MANIFEST, read_manifest
+from vlmlab.data.packing import collate_packed, pack_batches
+from vlmlab.data.remote import FetchPolicy, FetchStats, RangeReader, ShardUnavailable, as_location
+from vlmlab.data.shards import manifest_bytes, read_manifest
 from vlmlab.data.split import (
     Layout,
     Piece,
@@ -42,12 +45,14 @@ from vlmlab.data.tokenize import UNUSABLE_IMAGE, BadSample, TextEncoder
 from vlmlab.data.validate import IMAGE_EXTENSIONS, decode_image
 from vlmlab.errors import ConfigError
 from vlmlab.models.anyres import AnyResImages, UnusableImageError
+from vlmlab.models.image_transform import normalize_planes, to_planes
 from vlmlab.text import IGNORE_INDEX
 from vlmlab.text.labels import target_positions
 
 log = logging.getLogger(__name__)
 
 SHARD_SHORT = "shard_short"  # the manifest promised more samples than the shard holds
+MISSING_SHARD = "missing_shard"  # unreadable shard skipped (data.missing_shards=skip)
 
 
 def _worker() -> tuple[int, int]:
@@ -73,7 +78,12 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         group_by_length: bool = False,
         group_megabatch: int = 16,
+        pack_length: int | None = None,
+        fetch: FetchPolicy | None = None,
     ) -> None:
+        """`pack_length`: pack each look-ahead of `group_megabatch` batches into rows of at most
+        this many tokens (`data.packing`, `packing.py`); None: right-padded batches. `fetch`: how
+        remote shards are retried and what a missing one does (`remote.py`)."""
         if batch_size < 1 or group_megabatch < 1:
             raise ValueError("batch_size and group_megabatch must be >= 1")
         self.mixture = mixture
@@ -86,6 +96,9 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.group_by_length = group_by_length
         self.group_megabatch = group_megabatch
+        self.pack_length = pack_length
+        self.fetch = fetch or FetchPolicy()
+        self.stats = FetchStats()  # bytes this worker's readers fetched (reported per batch)
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already trained (resume mid-epoch)
         # after an elastic resume: the epoch stream's entries not trained yet (in stream order)
@@ -108,23 +121,54 @@ class ShardStream(IterableDataset):
         return plan_worker(pieces, self.rank, self.world_size, worker, num_workers, self.batch_size)
 
     def raw_samples(self, pieces: list[Piece], short: Counter[str]) -> Iterator[dict[str, Any]]:
-        """Raw tar samples at the planned positions; positions past a shard's end are counted."""
-        import webdataset as wds
+        """Raw tar samples at the planned positions; positions past a shard's end are counted.
 
+        Where the manifest records sample offsets, a piece is one byte range: exactly its samples'
+        bytes (a remote shard is never fetched whole for a few samples); otherwise the shard is
+        read from its start up to the piece's last sample. A shard that cannot be read is an
+        error naming it, or (`data.missing_shards=skip`) its unread samples are counted
+        (`missing_shard`) and the epoch goes on with smaller batches.
+        """
         for piece in pieces:
             wanted = Counter(piece.positions)
-            last = piece.positions[-1]
+            first, last = piece.positions[0], piece.positions[-1]
+            offsets = self.mixture.offsets(piece.url)
+            start, end, base = 0, None, 0
+            if offsets is not None and last + 1 < len(offsets):
+                start, end, base = offsets[first], offsets[last + 1], first
             found = 0
-            pipeline = wds.DataPipeline(wds.SimpleShardList([piece.url]), wds.tarfile_to_samples())
-            for position, raw in enumerate(pipeline):
-                for _ in range(wanted.get(position, 0)):
-                    found += 1
-                    yield raw
-                if position >= last:
-                    break
+            reader = RangeReader(piece.url, start, end, self.fetch, self.stats)
+            try:
+                for position, raw in enumerate(_tar_samples(reader, piece.url), base):
+                    for _ in range(wanted.get(position, 0)):
+                        found += 1
+                        yield raw
+                    if position >= last:
+                        break
+            except Exception:
+                if reader.failure is None:  # not the storage: a bad tar, a bug
+                    raise
+                if self.fetch.missing == "error":
+                    raise ShardUnavailable(
+                        f"{reader.failure} Fix: check the location (data.sets / data.mixtures), "
+                        "or set data.missing_shards=skip to train without it (counted as "
+                        f"data/skipped/{MISSING_SHARD})."
+                    ) from None
+                short[MISSING_SHARD] += len(piece.positions) - found
+                log.warning("skipping %d samples: %s", len(piece.positions) - found, reader.failure)
+                continue
+            finally:
+                reader.close()
             if found < len(piece.positions):
                 short[SHARD_SHORT] += len(piece.positions) - found
                 log.warning("%s holds fewer samples than its manifest says", piece.url)
+
+    def _fetched(self, sent: dict[str, int]) -> dict[str, int]:
+        """Storage counters since the last batch this worker yielded (`sent` is updated)."""
+        now = self.stats.as_dict()
+        delta = {k: v - sent.get(k, 0) for k, v in now.items()}
+        sent.update(now)
+        return delta
 
     def _shuffled(
         self, raws: Iterator[dict[str, Any]], rng: random.Random
@@ -143,9 +187,12 @@ class ShardStream(IterableDataset):
         plan = self.worker_plan(worker, num_workers)
         tag = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
         short: Counter[str] = Counter()
+        self.stats = FetchStats()
+        sent: dict[str, int] = {}
         raws = self._shuffled(self.raw_samples(plan.pieces, short), random.Random(tag))
         skip = len(range(worker, self.skip_batches, num_workers))  # mine among those trained
-        per = self.group_megabatch if self.group_by_length else 1
+        look_ahead = self.group_by_length or self.pack_length is not None
+        per = self.group_megabatch if look_ahead else 1
         sizes = plan.batch_sizes
         for first in range(0, len(sizes), per):
             planned = sizes[first : first + per]
@@ -162,12 +209,26 @@ class ShardStream(IterableDataset):
                     skipped[bad.reason] += 1
                     log.debug("skipping sample %s: %s", raw.get("__key__"), bad)
             rng = random.Random(f"{tag}-group-{first}")
-            batches = form_batches(good, planned, rng, self.group_by_length)
+            if self.pack_length is not None:  # rows per batch travel in the marker
+                packed = pack_batches(good, len(planned), self.pack_length, rng)
+                batches = [samples for samples, _ in packed]
+                layouts: list[dict[str, Any]] = [{"rows": rows} for _, rows in packed]
+            else:
+                batches = form_batches(good, planned, rng, self.group_by_length)
+                layouts = [{} for _ in batches]
             for j, batch in enumerate(batches):
                 if first + j < skip:
                     continue
                 report = dict(skipped) if j == 0 else {}
-                yield [*batch, {"skipped": report, "empty": True}]
+                marker = {"skipped": report, "empty": True, "fetched": self._fetched(sent)}
+                yield [*batch, {**marker, **layouts[j]}]
+
+
+def _tar_samples(stream: RangeReader, url: str) -> Iterator[dict[str, Any]]:
+    """WebDataset's samples of a tar stream (members grouped by key), as its pipeline yields them."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return iter(group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
 
 
 class SampleProcessor:
@@ -177,15 +238,24 @@ class SampleProcessor:
     for `pad`, or AnyRes tiles (1 + rows * cols, 3, S, S) (`AnyResImages`, recognised by type:
     its images are decoded with their EXIF orientation, `decode_image`). The order is decode ->
     size -> token count (text) -> pixels: a sample the text side rejects (too long, an image
-    AnyRes cannot tile) is skipped before any tile is cut.
+    AnyRes cannot tile) is skipped before any tile is cut. A sample of a feature-cache shard
+    (`vlmlab.data.features`) carries the encoder's features instead of the image: they go
+    where the pixels would, and a skipped image is skipped at the same step, for the same reason.
+
+    `uint8_pixels`: give the processor's geometry as uint8 planes (`to_planes`), not normalised
+    floats; the loader's collate normalises the whole batch (`_Collator`), with the same values.
     """
 
     def __init__(
-        self, text_encoder: TextEncoder, image_processor: Callable[[Image.Image], torch.Tensor]
+        self,
+        text_encoder: TextEncoder,
+        image_processor: Callable[[Image.Image], torch.Tensor],
+        uint8_pixels: bool = False,
     ) -> None:
         self.text_encoder = text_encoder
         self.image_processor = image_processor
         self.anyres = isinstance(image_processor, AnyResImages)
+        self.uint8_pixels = uint8_pixels
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -193,7 +263,11 @@ class SampleProcessor:
         except (KeyError, ValueError) as err:
             raise BadSample("bad_json", str(err)) from err
         image, image_size = None, None
-        if record.get("image"):
+        cached = read_cached(raw)  # a feature-cache sample (data/features.py): no pixels
+        if cached is not None:
+            cached.raise_at("decode")
+            image_size = cached.image_size
+        elif record.get("image"):
             payload = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
             if payload is None:
                 raise BadSample("missing_image", str(record.get("image")))
@@ -201,13 +275,19 @@ class SampleProcessor:
             image_size = image.size  # the decoded size decides the token count
         encoded = self.text_encoder.encode(
             record.get("conversations") or [],
-            has_image=image is not None,
+            has_image=image is not None or cached is not None,
             image_size=image_size,
         )
         pixel_values = None
-        if image is not None:
+        if cached is not None:  # the encoder's features stand where its pixels would
+            cached.raise_at("pixels")
+            pixel_values = cached.features
+        elif image is not None:
             try:
-                pixel_values = self.image_processor(image)
+                if self.uint8_pixels:
+                    pixel_values = to_planes(self.image_processor.geometry(image))  # type: ignore[attr-defined]
+                else:
+                    pixel_values = self.image_processor(image)
             except UnusableImageError as err:
                 raise BadSample(UNUSABLE_IMAGE, str(err)) from err
             except (OSError, ValueError) as err:
@@ -240,30 +320,49 @@ def collate(
     of the image-token slots). `image_tokens` lists the token count of every image of the batch
     in order, as the text side expanded it (samples from `TextEncoder.encode` carry theirs), so
     the model checks each image's embeddings against its own slots without a device sync.
+
+    A packed batch (the stream's marker carries `rows`, samples per row) is laid out by
+    `packing.collate_packed`: rows of back-to-back samples, with `position_ids`, `cu_seq_lens`,
+    `max_seqlen` and `num_rows` added; images stay in sample order, which is slot order.
     """
     skipped: Counter[str] = Counter()
+    fetched: Counter[str] = Counter()  # storage counters of the stream (data/bytes_fetched)
+    rows = None  # packed batches (`data.packing`): samples per row, from the stream's marker
     for sample in samples:
         skipped.update(sample.get("skipped", {}))
+        fetched.update(sample.get("fetched", {}))
+        rows = sample.get("rows", rows)
     samples = [s for s in samples if not s.get("empty")]
-    length = max((len(s["input_ids"]) for s in samples), default=0)
-    batch_size = len(samples)
-    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
-    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    for i, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[i, :n] = sample["input_ids"]
-        labels[i, :n] = sample["labels"]
-        attention_mask[i, :n] = 1
+    if rows is not None:
+        packed = collate_packed(samples, rows, pad_token_id)
+        input_ids, labels = packed.pop("input_ids"), packed.pop("labels")
+        attention_mask = packed.pop("attention_mask")
+    else:
+        length = max((len(s["input_ids"]) for s in samples), default=0)
+        batch_size = len(samples)
+        input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        for i, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            input_ids[i, :n] = sample["input_ids"]
+            labels[i, :n] = sample["labels"]
+            attention_mask[i, :n] = 1
     images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     image_sizes = [s.get("image_size") for s in samples if s["pixel_values"] is not None]
     pixel_values = None
     if images:
         pixel_values = torch.cat(images) if images[0].dim() == 4 else torch.stack(images)
     image_tokens = [count for s in samples for count in s.get("image_tokens", ())]
-    pad_tokens, tokens = padding_counts([len(s["input_ids"]) for s in samples])
-    target_index = target_positions(labels)
     extra: dict[str, Any] = {}
+    if rows is not None:  # padding, targets and the segments of the packed rows
+        pad_tokens, tokens = packed.pop("num_pad_tokens"), packed.pop("num_tokens")
+        target_index = packed.pop("target_index")
+        del packed["num_target_tokens"]
+        extra.update(packed)
+    else:
+        pad_tokens, tokens = padding_counts([len(s["input_ids"]) for s in samples])
+        target_index = target_positions(labels)
     if image_token_id is not None:
         extra["image_index"] = (input_ids.view(-1) == image_token_id).nonzero().view(-1)
     return {
@@ -275,6 +374,7 @@ def collate(
         "image_sizes": image_sizes,
         "image_tokens": image_tokens,
         "skipped": dict(skipped),
+        "fetched": dict(fetched),
         "num_pad_tokens": pad_tokens,
         "num_tokens": tokens,
         "padding_fraction": pad_tokens / tokens if tokens else 0.0,
@@ -285,12 +385,28 @@ def collate(
 
 
 class _Collator:
-    def __init__(self, pad_token_id: int, image_token_id: int | None = None) -> None:
+    """`collate`, then uint8 pixels (`SampleProcessor(uint8_pixels=True)`) normalised as one batch
+    with `normalize` = (mean, std). Why: per image, a worker used to normalise, stack the floats
+    and copy them into shared memory to reach the main process; now it stacks uint8 and writes
+    the normalised batch straight into shared memory (`normalize_planes(shared=True)`)."""
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        image_token_id: int | None = None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
+        self.normalize = normalize
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(samples, self.pad_token_id, self.image_token_id)
+        batch = collate(samples, self.pad_token_id, self.image_token_id)
+        pixels = batch["pixel_values"]
+        if self.normalize is not None and pixels is not None and pixels.dtype == torch.uint8:
+            shared = get_worker_info() is not None  # the batch leaves this process
+            batch["pixel_values"] = normalize_planes(pixels.numpy(), *self.normalize, shared=shared)
+        return batch
 
 
 class VLMDataModule(L.LightningDataModule):
@@ -302,7 +418,7 @@ class VLMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        shard_dir: Path | None,
+        shard_dir: Path | str | None,
         text_encoder: TextEncoder,
         image_processor: Callable[[Image.Image], torch.Tensor],
         batch_size: int,
@@ -314,12 +430,19 @@ class VLMDataModule(L.LightningDataModule):
         mixture_size: int | None = None,
         group_by_length: bool = False,
         group_megabatch: int = 16,
+        packing: bool = False,
+        fetch: FetchPolicy | None = None,
     ) -> None:
+        """`packing` (`data.packing`): rows of whole samples up to the text encoder's max_length,
+        packed from a look-ahead of `group_megabatch` batches (`packing.py`)."""
         super().__init__()
         if shard_dir is None and not sources:
             raise ValueError("give shard_dir or sources")
-        self.shard_dir = Path(shard_dir) if shard_dir is not None else None
-        self.sources = sources or [Source("data", Path(str(shard_dir)), key="stage.dataset")]
+        # a local folder, or a URL / brace pattern / pipe: command (`remote.py`)
+        self.shard_dir = as_location(shard_dir) if shard_dir is not None else None
+        self.sources = sources or [Source("data", as_location(str(shard_dir)), key="stage.dataset")]
+        self.fetch = fetch or FetchPolicy()
+        self.fetched: Counter[str] = Counter()  # this rank's storage counters, this epoch
         self.mixture_size = mixture_size
         self.text_encoder = text_encoder
         self.image_processor = image_processor
@@ -329,6 +452,7 @@ class VLMDataModule(L.LightningDataModule):
         self.seed = seed
         self.group_by_length = group_by_length
         self.group_megabatch = group_megabatch
+        self.packing = packing
         self._prepare = prepare
         self._train: ShardStream | None = None
         self.epoch = 0
@@ -394,7 +518,7 @@ class VLMDataModule(L.LightningDataModule):
             num_workers=max(1, self.num_workers),
             batch_size=self.batch_size,
             shuffle_buffer=self.shuffle_buffer,
-            group_megabatch=self.group_megabatch if self.group_by_length else 1,
+            group_megabatch=(self.group_megabatch if self.group_by_length or self.packing else 1),
         )
 
     def _segment_batches(self) -> int:
@@ -506,9 +630,10 @@ class VLMDataModule(L.LightningDataModule):
             raise ConfigError("stage.dataset", f"{where_of(self.sources)} holds no samples.")
         if isinstance(self.image_processor, AnyResImages):
             refuse_presized(self.sources)
+        norm = uint8_normalization(self.image_processor)
         self._train = ShardStream(
             mixture,
-            SampleProcessor(self.text_encoder, self.image_processor),
+            SampleProcessor(self.text_encoder, self.image_processor, uint8_pixels=bool(norm)),
             batch_size=self.batch_size,
             seed=self.seed,
             shuffle=True,
@@ -517,6 +642,8 @@ class VLMDataModule(L.LightningDataModule):
             world_size=world,
             group_by_length=self.group_by_length,
             group_megabatch=self.group_megabatch,
+            pack_length=self.text_encoder.max_length if self.packing else None,
+            fetch=self.fetch,
         )
         self.resolve_resume()  # normally done already, by StreamPosition.on_load_checkpoint
         self._train.set_epoch(self.epoch)
@@ -528,7 +655,7 @@ class VLMDataModule(L.LightningDataModule):
             batch_size=None,  # the stream forms the batches from the epoch plan
             num_workers=self.num_workers,
             collate_fn=_Collator(
-                self.text_encoder.tokenizer.pad_token_id, self.text_encoder.image_token_id
+                self.text_encoder.tokenizer.pad_token_id, self.text_encoder.image_token_id, norm
             ),
             pin_memory=torch.cuda.is_available(),  # page-locked batches: async host-to-GPU copies
             # Not persistent: a persistent worker keeps the ShardStream copy it was started with
@@ -540,6 +667,14 @@ class VLMDataModule(L.LightningDataModule):
         )
 
 
+def uint8_normalization(processor: Any) -> tuple[Sequence[float], Sequence[float]] | None:
+    """(mean, std) when the processor is geometry, then the table normalisation of
+    `image_transform` (ImageTransform, AnyResImages): its pixels can travel as uint8."""
+    if callable(getattr(processor, "geometry", None)) and hasattr(processor, "mean"):
+        return tuple(processor.mean), tuple(processor.std)
+    return None
+
+
 def where_of(sources: list[Source]) -> str:
     return ", ".join(str(s.shard_dir) for s in sources)
 
@@ -548,8 +683,8 @@ def refuse_presized(sources: list[Source]) -> None:
     """AnyRes tiles the image as stored: shards written with `vlmlab shards --presize` hold it
     already squared to one tile, so every image would give the same small grid, silently."""
     for source in sources:
-        manifest = source.shard_dir / MANIFEST
-        args = read_manifest(source.shard_dir) if manifest.is_file() else {}
+        manifest = manifest_bytes(source.shard_dir)
+        args = json.loads(manifest) if manifest is not None else {}
         presize = args.get("converter", {}).get("args", {}).get("presize")
         if presize:
             raise ConfigError(
@@ -586,11 +721,35 @@ class StreamPosition(L.Callback):
             datamodule.set_epoch(trainer.current_epoch)
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *_: Any
     ) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         if isinstance(datamodule, VLMDataModule):
             datamodule.batches_done += 1
+            if isinstance(batch, dict):
+                datamodule.fetched.update(batch.get("fetched") or {})
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """What this rank fetched from storage in the epoch: a log line per rank, and
+        `data/bytes_fetched` (+ `data/fetch_requests`, `data/fetch_resumed`) summed over ranks.
+
+        Why: remote shards cost bandwidth; each rank should fetch its own samples' bytes only,
+        and a flaky store shows up as resumed reads instead of a crash."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if not isinstance(datamodule, VLMDataModule):
+            return
+        fetched, datamodule.fetched = datamodule.fetched, Counter()
+        log.info(
+            "rank %d fetched %d bytes of shards in epoch %d (%d reads, %d resumed after a failure)",
+            trainer.global_rank,
+            fetched["bytes"],
+            trainer.current_epoch,
+            fetched["requests"],
+            fetched["resumed"],
+        )
+        names = {"bytes": "bytes_fetched", "requests": "fetch_requests", "resumed": "fetch_resumed"}
+        for key, name in names.items():
+            pl_module.log(f"data/{name}", float(fetched[key]), reduce_fx="sum", sync_dist=True)
 
 
 EpochSetter = StreamPosition  # earlier name

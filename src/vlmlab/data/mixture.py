@@ -20,24 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmlab.data.shards import MANIFEST, shard_index
+from vlmlab.data.remote import ShardSet, as_location
+from vlmlab.data.shards import list_shards, manifest_bytes
 from vlmlab.data.split import Piece
 from vlmlab.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Source:
-    """One shard set of a mixture; `key` names its config entry in error messages."""
+    """One shard set of a mixture; `key` names its config entry in error messages.
+
+    `shard_dir`: a local folder, or a URL / brace pattern / pipe: command (data/remote.py)."""
 
     name: str
-    shard_dir: Path
+    shard_dir: Path | str
     weight: float | None = None
     count: int | None = None
     key: str = "data"
 
 
 def parse_sources(
-    entries: Iterable[Mapping[str, Any]], key: str, resolve_set: Callable[[str], Path]
+    entries: Iterable[Mapping[str, Any]], key: str, resolve_set: Callable[[str], Path | str]
 ) -> list[Source]:
     """Config entries `{name, set | path, weight | count}` -> Sources, with errors naming the key."""
     sources: list[Source] = []
@@ -59,7 +62,9 @@ def parse_sources(
             raise ConfigError(f"{where}.weight", f"got {weight!r}.", "use a number > 0.")
         if count is not None and not (isinstance(count, int) and count >= 0):
             raise ConfigError(f"{where}.count", f"got {count!r}.", "use an integer >= 0.")
-        shard_dir = resolve_set(str(entry["set"])) if "set" in entry else Path(str(entry["path"]))
+        shard_dir = (
+            resolve_set(str(entry["set"])) if "set" in entry else as_location(str(entry["path"]))
+        )
         name = str(entry.get("name") or entry.get("set") or Path(str(entry["path"])).name)
         sources.append(
             Source(name, shard_dir, None if weight is None else float(weight), count, where)
@@ -89,6 +94,7 @@ class Mixture:
         self.seed = seed
         self.total = total
         self._index: dict[str, list[tuple[str, int]]] | None = None
+        self._offsets: dict[str, tuple[int, ...]] = {}  # shard -> sample byte offsets
 
     @property
     def index(self) -> dict[str, list[tuple[str, int]]]:
@@ -97,13 +103,20 @@ class Mixture:
             index = {}
             for source in self.sources:
                 try:
-                    index[source.name] = shard_index(source.shard_dir)
-                except FileNotFoundError as err:
+                    shards = list_shards(source.shard_dir)
+                except OSError as err:  # not found, or a remote location unreachable
                     raise ConfigError(
                         source.key, str(err), "write or convert the shards first."
                     ) from err
+                index[source.name] = [(s.url, s.num_samples) for s in shards]
+                self._offsets.update((s.url, s.offsets) for s in shards if s.offsets)
             self._index = index
         return self._index
+
+    def offsets(self, url: str) -> tuple[int, ...] | None:
+        """Byte offsets of a shard's samples (and their end), where its manifest records them."""
+        _ = self.index
+        return self._offsets.get(url)
 
     def sizes(self) -> dict[str, int]:
         return {name: sum(n for _, n in shards) for name, shards in self.index.items()}
@@ -128,10 +141,11 @@ class Mixture:
         """sha256 over each source's manifest (or shard list) and its share: the data identity."""
         parts = []
         for source in self.sources:
-            manifest = source.shard_dir / MANIFEST
-            content = (
-                hashlib.sha256(manifest.read_bytes()).hexdigest()
-                if manifest.is_file()
+            manifest = manifest_bytes(source.shard_dir)
+            whole = ShardSet.parse(as_location(source.shard_dir)).names is None
+            content = (  # a brace pattern picks shards: its list, not the manifest, says which
+                hashlib.sha256(manifest).hexdigest()
+                if manifest is not None and whole
                 else json.dumps(self.index[source.name])
             )
             parts.append([source.name, content, source.weight, source.count])

@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
 
 from vlmlab.data.mixture import Source, parse_sources
+from vlmlab.data.remote import as_location
 from vlmlab.data.shapes import ShapesSpec, generate
 from vlmlab.data.shards import MANIFEST, write_shards
 from vlmlab.errors import ConfigError
@@ -31,7 +32,7 @@ SHAPE_SETS = ("align", "instruct", "text")
 class ResolvedDataset(TypedDict):
     """What a stage trains on and evaluates against, as a source resolved it."""
 
-    shard_dir: Path | None  # None when `sources` (a mixture) is set
+    shard_dir: Path | str | None  # None when `sources` (a mixture) is set; str: a URL (remote.py)
     sources: list[Source] | None
     heldout: Path | None  # held-out records (image, question, answer), if the source has any
     image_root: Path | None  # where `heldout`'s images live
@@ -44,8 +45,9 @@ class DataSource(Protocol):
 
     def resolve(self, dataset: str) -> ResolvedDataset: ...
 
-    def set_dir(self, name: str, key: str) -> Path:
-        """Shard folder of `data.sets.<name>` (`key` names the config key in errors)."""
+    def set_dir(self, name: str, key: str) -> Path | str:
+        """Shard folder of `data.sets.<name>` (`key` names the config key in errors); a string
+        for a URL, brace pattern or pipe: command (`remote.as_location`)."""
         ...
 
 
@@ -74,8 +76,10 @@ class ShardSource:
     def __init__(self, data_cfg: DataConfig) -> None:
         self.cfg = data_cfg
 
-    def set_dir(self, name: str, key: str) -> Path:
-        shard_dir = Path(_set_name(self.cfg, name, key))
+    def set_dir(self, name: str, key: str) -> Path | str:
+        shard_dir = as_location(_set_name(self.cfg, name, key))
+        if not isinstance(shard_dir, Path):  # remote: checked when its manifest is read
+            return shard_dir
         if not (shard_dir / MANIFEST).is_file() and not any(shard_dir.glob("*.tar")):
             raise ConfigError(
                 f"data.sets.{name}",
@@ -136,18 +140,33 @@ def shapes_dir(data_cfg: DataConfig) -> Path:
 
 def ensure_shapes(data_cfg: DataConfig) -> Path:
     """Generate images, LLaVA JSON and shards once per generator spec; safe to call concurrently."""
-    target = shapes_dir(data_cfg)
+    spec = shapes_spec(data_cfg)
+    return build_synthetic(
+        shapes_dir(data_cfg),
+        lambda tmp: generate(spec, tmp),
+        SHAPE_SETS,
+        int(data_cfg.samples_per_shard),
+    )
+
+
+def build_synthetic(
+    target: Path,
+    generate_into: Callable[[Path], dict[str, Path]],
+    set_names: Iterable[str],
+    samples_per_shard: int,
+) -> Path:
+    """A synthetic data set (images, LLaVA JSON, shards of `set_names`) at `target`, built once.
+
+    Safe to call concurrently: each process builds in its own temporary folder and the first
+    rename wins; `DONE` marks a complete folder."""
     if (target / "DONE").is_file():
         return target
-    spec = shapes_spec(data_cfg)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    paths = generate(spec, tmp)
-    for set_name in SHAPE_SETS:
+    paths = generate_into(tmp)
+    for set_name in set_names:
         records = json.loads(paths[set_name].read_text())
-        write_shards(
-            records, tmp / "images", tmp / "shards" / set_name, int(data_cfg.samples_per_shard)
-        )
+        write_shards(records, tmp / "images", tmp / "shards" / set_name, samples_per_shard)
     (tmp / "DONE").write_text("ok\n")
     try:
         tmp.rename(target)

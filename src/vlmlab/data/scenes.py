@@ -18,11 +18,8 @@ outputs are real LLaVA JSON + PNG files turned into WebDataset shards like the s
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import os
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlmlab.data.prepare import ResolvedDataset, mixture_sources
-from vlmlab.data.shards import write_shards
+from vlmlab.data.prepare import ResolvedDataset, build_synthetic, mixture_sources
+from vlmlab.data.shapes import add_training_records, write_png, write_sets
 from vlmlab.errors import ConfigError
 from vlmlab.schema import DataConfig
 
@@ -407,17 +404,6 @@ def heldout_question(
     return COLOUR_QUESTIONS[0].format(where=where(obj.position)), obj.colour, index
 
 
-def _conversation(turns: list[tuple[str, str]], with_image: bool) -> list[dict[str, str]]:
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        prefix = "<image>\n" if with_image and i == 0 else ""
-        messages += [
-            {"from": "human", "value": prefix + question},
-            {"from": "gpt", "value": answer},
-        ]
-    return messages
-
-
 def balanced_counts(rng: np.random.Generator, n: int, low: int, high: int) -> list[int]:
     """n object counts covering low..high equally (up to n mod the range), in random order."""
     values = np.resize(np.arange(low, high + 1), n)
@@ -448,9 +434,7 @@ def generate(spec: ScenesSpec, out_dir: Path) -> dict[str, Path]:
         scene = sample_scene(rng, spec, count)
         image = draw_scene(rng, scene, mottled=spec.resolution_task)
         name = f"scene{index:06d}.png"
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        (image_dir / name).write_bytes(buffer.getvalue())
+        write_png(image, image_dir / name)
         if index >= spec.num_images:
             question, answer, target = heldout_question(rng, scene, spec.resolution_task)
             sets["heldout"].append(
@@ -470,33 +454,10 @@ def generate(spec: ScenesSpec, out_dir: Path) -> dict[str, Path]:
             frequency[obj.name] += 1
             row = cooccurrence.setdefault(obj.name, Counter())
             row.update(o.name for o in scene.objects if o is not obj)
-        prompt = str(rng.choice(CAPTION_PROMPTS))
-        text = caption(scene)
-        sets["align"].append(
-            {
-                "id": f"align{index:06d}",
-                "image": name,
-                "conversations": _conversation([(prompt, text)], True),
-            }
-        )
+        caption_turn = (str(rng.choice(CAPTION_PROMPTS)), caption(scene))
         turns = _instruction_turns(rng, scene, spec.resolution_task)
-        sets["instruct"].append(
-            {
-                "id": f"instruct{index:06d}",
-                "image": name,
-                "conversations": _conversation(turns, True),
-            }
-        )
-        sets["text"].append(
-            {
-                "id": f"text{index:06d}",
-                "conversations": _conversation([*turns, (prompt, text)], False),
-            }
-        )
-    paths = {}
-    for set_name, records in sets.items():
-        paths[set_name] = out_dir / f"{set_name}.json"
-        paths[set_name].write_text(json.dumps(records, indent=1))
+        add_training_records(sets, index, name, caption_turn, turns)
+    paths = write_sets(sets, out_dir)
     world = {
         "kind": spec.kind,
         "spec": asdict(spec),
@@ -565,23 +526,13 @@ class ScenesSource:
 
     def ensure(self) -> Path:
         """Generate images, JSON and shards once per spec; safe to call concurrently."""
-        target = self.root()
-        if (target / "DONE").is_file():
-            return target
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        paths = generate(self.spec(), tmp)
-        for set_name in SCENE_SETS:
-            records = json.loads(paths[set_name].read_text())
-            write_shards(
-                records, tmp / "images", tmp / "shards" / set_name, int(self.cfg.samples_per_shard)
-            )
-        (tmp / "DONE").write_text("ok\n")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        spec = self.spec()
+        return build_synthetic(
+            self.root(),
+            lambda tmp: generate(spec, tmp),
+            SCENE_SETS,
+            int(self.cfg.samples_per_shard),
+        )
 
 
 class HiresScenesSource(ScenesSource):

@@ -106,7 +106,8 @@ def _qa_turns(rng: np.random.Generator, facts: dict[str, str]) -> list[tuple[str
     return [pool[i] for i in order[: int(rng.integers(1, len(pool) + 1))]]
 
 
-def _conversation(turns: list[tuple[str, str]], with_image: bool) -> list[dict[str, str]]:
+def conversation(turns: list[tuple[str, str]], with_image: bool) -> list[dict[str, str]]:
+    """LLaVA `conversations` from (question, answer) turns; `<image>` leads the first one."""
     messages = []
     for i, (question, answer) in enumerate(turns):
         prefix = "<image>\n" if with_image and i == 0 else ""
@@ -115,6 +116,45 @@ def _conversation(turns: list[tuple[str, str]], with_image: bool) -> list[dict[s
             {"from": "gpt", "value": answer},
         ]
     return messages
+
+
+def write_png(image: Image.Image, path: Path) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+
+
+def add_training_records(
+    sets: dict[str, list[dict[str, Any]]],
+    index: int,
+    image: str,
+    caption_turn: tuple[str, str],
+    turns: list[tuple[str, str]],
+) -> None:
+    """One training image's records, shared by the synthetic generators: a caption (align), its
+    QA turns (instruct) and both as text only (text, a warm-up for a random-init LLM)."""
+    sets["align"].append(
+        {
+            "id": f"align{index:06d}",
+            "image": image,
+            "conversations": conversation([caption_turn], True),
+        }
+    )
+    sets["instruct"].append(
+        {"id": f"instruct{index:06d}", "image": image, "conversations": conversation(turns, True)}
+    )
+    sets["text"].append(
+        {"id": f"text{index:06d}", "conversations": conversation([*turns, caption_turn], False)}
+    )
+
+
+def write_sets(sets: dict[str, list[dict[str, Any]]], out_dir: Path) -> dict[str, Path]:
+    """Each set as `<out_dir>/<name>.json`; returns the paths by set name."""
+    paths = {}
+    for set_name, records in sets.items():
+        paths[set_name] = out_dir / f"{set_name}.json"
+        paths[set_name].write_text(json.dumps(records, indent=1))
+    return paths
 
 
 def generate(spec: ShapesSpec, out_dir: Path) -> dict[str, Path]:
@@ -127,9 +167,7 @@ def generate(spec: ShapesSpec, out_dir: Path) -> dict[str, Path]:
     for index in range(total):
         image, facts = draw_shape(rng, spec.image_size)
         name = f"shape{index:06d}.png"
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        (image_dir / name).write_bytes(buffer.getvalue())
+        write_png(image, image_dir / name)
         if index >= spec.num_images:
             sets["heldout"].append(
                 {
@@ -141,32 +179,9 @@ def generate(spec: ShapesSpec, out_dir: Path) -> dict[str, Path]:
                 }
             )
             continue
-        caption_prompt = str(rng.choice(CAPTION_PROMPTS))
-        sets["align"].append(
-            {
-                "id": f"align{index:06d}",
-                "image": name,
-                "conversations": _conversation([(caption_prompt, _caption(facts))], True),
-            }
-        )
-        turns = _qa_turns(rng, facts)
-        sets["instruct"].append(
-            {
-                "id": f"instruct{index:06d}",
-                "image": name,
-                "conversations": _conversation(turns, True),
-            }
-        )
-        sets["text"].append(
-            {
-                "id": f"text{index:06d}",
-                "conversations": _conversation([*turns, (caption_prompt, _caption(facts))], False),
-            }
-        )
-    paths = {}
-    for set_name, records in sets.items():
-        paths[set_name] = out_dir / f"{set_name}.json"
-        paths[set_name].write_text(json.dumps(records, indent=1))
+        caption_turn = (str(rng.choice(CAPTION_PROMPTS)), _caption(facts))
+        add_training_records(sets, index, name, caption_turn, _qa_turns(rng, facts))
+    paths = write_sets(sets, out_dir)
     log.info(
         "shapes: wrote %d images and %s under %s",
         total,

@@ -12,8 +12,11 @@ import json
 import logging
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vlmlab.data.remote import ShardMissing, ShardSet, as_location, is_remote, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,10 @@ def write_shards(
                         _add_member(tar, f"{key}.{ext}", image_path.read_bytes())
         tmp.replace(out_dir / name)
         digest = hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
-        shards.append({"name": name, "num_samples": len(chunk), "sha256": digest})
+        offsets = sample_offsets(out_dir / name)
+        shards.append(
+            {"name": name, "num_samples": len(chunk), "sha256": digest, "offsets": offsets}
+        )
     with_image = sum(1 for r in records if r.get("image"))
     manifest = {
         "num_samples": len(records),
@@ -95,32 +101,109 @@ def count_samples(tar_path: Path) -> int:
     return len(keys)
 
 
-def shard_index(shard_dir: Path) -> list[tuple[str, int]]:
-    """(shard path, sample count) per shard: from the manifest, or by scanning `*.tar` without one.
+def sample_offsets(tar_path: Path) -> list[int]:
+    """Byte offset of each sample's first tar header, then the end of the last one's data.
+
+    Stored in the manifest (`offsets`), so a reader fetches exactly the bytes of the samples it
+    needs (an HTTP Range, a ranged object-store read), not the shard up to them.
+    """
+    offsets: list[int] = []
+    key, end = None, 0
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            match = _KEY.match(member.name)
+            if not (member.isfile() and match):
+                continue
+            if match.group(1) != key:
+                key = match.group(1)
+                offsets.append(member.offset)
+            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return [*offsets, end] if offsets else []
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    url: str  # a local path, a URL or a pipe: command
+    num_samples: int
+    offsets: tuple[int, ...] | None = None  # `sample_offsets`, when the manifest has them
+
+
+def list_shards(location: Path | str) -> list[ShardEntry]:
+    """The shards of a location (a folder, a URL, a brace pattern, a pipe: command, see
+    `remote.ShardSet`), from its manifest; a local folder without one is scanned.
 
     Sample-level planning (exactly once, equal batches per rank) needs the counts up front.
     """
-    shard_dir = Path(shard_dir)
-    if (shard_dir / MANIFEST).is_file():
-        shards = read_manifest(shard_dir)["shards"]
-        return [
-            (
-                str(shard_dir / s["name"]),
-                int(s["num_samples"] if "num_samples" in s else s["samples"]),
+    location = as_location(location)
+    shard_set = ShardSet.parse(location)
+    raw = manifest_bytes(location)
+    if raw is None:
+        if is_remote(location):
+            raise FileNotFoundError(
+                f"{shard_set.file(MANIFEST)} not found: a remote shard set needs its manifest "
+                "(counting samples would download every shard); write the shards with "
+                "`vlmlab shards ... --out URL`, or convert to a local folder and upload it."
             )
-            for s in shards
-        ]
-    tars = sorted(shard_dir.glob("*.tar"))
-    if not tars:
-        raise FileNotFoundError(f"{shard_dir} has neither {MANIFEST} nor *.tar shards.")
-    log.info("%s has no %s: counting samples in %d shards", shard_dir, MANIFEST, len(tars))
-    return [(str(t), count_samples(t)) for t in tars]
-
-
-def read_manifest(shard_dir: Path) -> dict[str, Any]:
-    path = shard_dir / MANIFEST
-    if not path.is_file():
+        names = shard_set.names or sorted(p.name for p in Path(shard_set.prefix).glob("*.tar"))
+        if not names:
+            raise FileNotFoundError(f"{location} has neither {MANIFEST} nor *.tar shards.")
+        log.info("%s has no %s: counting samples in %d shards", location, MANIFEST, len(names))
+        tars = [Path(shard_set.file(n)) for n in names]
+        return [ShardEntry(str(t), count_samples(t)) for t in tars]
+    listed = {s["name"]: s for s in json.loads(raw)["shards"]}
+    names = list(shard_set.names) if shard_set.names is not None else list(listed)
+    absent = [n for n in names if n not in listed]
+    if absent:
         raise FileNotFoundError(
-            f"{path} not found: write shards with vlmlab.data.shards.write_shards first."
+            f"{shard_set.file(MANIFEST)} lists no {absent[0]} ({len(absent)} of the "
+            f"{len(names)} names {location} expands to are not in it)."
         )
-    return json.loads(path.read_text())
+    entries = []
+    for name in names:
+        shard = listed[name]
+        offsets = shard.get("offsets")
+        entries.append(
+            ShardEntry(
+                shard_set.file(name),
+                int(shard["num_samples"] if "num_samples" in shard else shard["samples"]),
+                tuple(int(o) for o in offsets) if offsets else None,
+            )
+        )
+    return entries
+
+
+def shard_index(location: Path | str) -> list[tuple[str, int]]:
+    """(shard path or URL, sample count) per shard of a location (`list_shards`)."""
+    return [(s.url, s.num_samples) for s in list_shards(location)]
+
+
+_REMOTE_MANIFESTS: dict[str, bytes] = {}  # per process: every planning call reads the manifest
+
+
+def manifest_bytes(location: Path | str) -> bytes | None:
+    """The manifest beside a location's shards, None where there is none."""
+    location = as_location(location)
+    if isinstance(location, Path):
+        path = location / MANIFEST
+        return path.read_bytes() if path.is_file() else None
+    url = ShardSet.parse(location).file(MANIFEST)
+    if not is_remote(url):
+        path = Path(url)
+        return path.read_bytes() if path.is_file() else None
+    if url not in _REMOTE_MANIFESTS:
+        try:
+            _REMOTE_MANIFESTS[url] = read_bytes(url)
+        except ShardMissing:
+            return None
+    return _REMOTE_MANIFESTS[url]
+
+
+def read_manifest(shard_dir: Path | str) -> dict[str, Any]:
+    raw = manifest_bytes(shard_dir)
+    if raw is None:
+        raise FileNotFoundError(
+            f"{ShardSet.parse(as_location(shard_dir)).file(MANIFEST)} not found: write shards "
+            "with vlmlab.data.shards.write_shards (or `vlmlab shards`) first."
+        )
+    parsed: dict[str, Any] = json.loads(raw)
+    return parsed

@@ -148,9 +148,15 @@ def resolve_reference(reference: str, tracking_uri: str | None = None) -> Path:
         return path
     if is_run_reference(reference):
         return checkpoint_of_run(reference, tracking_uri, "checkpoint")
+    if reference.startswith("models:/"):  # a registered stage checkpoint (tracking/models.py)
+        from vlmlab.tracking.models import checkpoint_of_model
+        from vlmlab.tracking.runs import default_tracking_uri
+
+        return checkpoint_of_model(reference, tracking_uri or default_tracking_uri(), "checkpoint")
     raise ConfigError(
         "checkpoint",
-        f"{reference!r} is neither a folder nor an MLflow run id / runs:/<id> URI.",
+        f"{reference!r} is neither a folder nor an MLflow run id / runs:/<id> / "
+        "models:/<name>/<version> URI.",
         "give a checkpoint folder (runs/checkpoints/<run>), a merged or HF Llava / LlavaNext export folder, "
         "or a run id.",
     )

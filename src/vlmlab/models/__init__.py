@@ -81,6 +81,7 @@ def build_vlm(
     weights: Literal["preset", "none"] = "preset",
     device: str | torch.device | None = None,
     tokenizer: Any = LOAD,
+    vision: VisionEncoder | None = None,
 ) -> tuple[VisionLanguageModel, Any]:
     """The one assembly of encoder -> connector -> LLM: training, `vlmlab plan`, HF import.
 
@@ -88,8 +89,10 @@ def build_vlm(
     does); "none" builds every part from its architecture numbers (`config:`), never loading
     a checkpoint. `device`: where parameters are created ("meta": shapes only, no memory).
     `tokenizer`: LOAD builds `llm.tokenizer`; a tokenizer is used as given; None builds
-    without one (vocabulary from `llm.config.vocab_size`, image token id -1). Connector
-    widths come from the built parts. Returns the model and the tokenizer (or None).
+    without one (vocabulary from `llm.config.vocab_size`, image token id -1). `vision`: built
+    instead of the tower (`CachedFeatures`: training on a feature cache never loads the
+    encoder). Connector widths come from the built parts. Returns the model and the tokenizer
+    (or None).
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -111,7 +114,7 @@ def build_vlm(
         if weights == "none":
             encoder_args["pretrained"] = False
             llm_args["pretrained"] = False
-        encoder = instantiate(encoder_args, _convert_="all")
+        encoder = vision if vision is not None else instantiate(encoder_args, _convert_="all")
         if isinstance(tokenizer, str) and tokenizer == LOAD:
             tokenizer = build_tokenizer(llm_args["tokenizer"])
         builder = llm_builder(llm_args.get("_target_"))

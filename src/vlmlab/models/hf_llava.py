@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -293,6 +294,12 @@ def chat_template_for(template: Template, tokenizer: Any) -> str | None:
     generation cue. The result is checked against `template` on 1-3 turn conversations with
     the tokenizer's own chat-template renderer; a template that does not fit the pattern
     (e.g. `plain`, which drops the question) gives None.
+
+    When the template starts with BOS (`adds_bos`: training tokenises with the tokenizer's
+    special tokens), the Jinja template writes `{{ bos_token }}` itself: transformers'
+    `apply_chat_template` and vLLM's chat path both tokenise the rendered text without special
+    tokens, so only a template that renders BOS gives the ids the model was trained on (and
+    `LlavaProcessor` then skips adding a second one).
     """
     q0, a0, q1, a1 = "\x01Q0\x01", "\x01A0\x01", "\x01Q1\x01", "\x01A1\x01"
     try:
@@ -315,8 +322,12 @@ def chat_template_for(template: Template, tokenizer: Any) -> str | None:
         return None
     padded = "".join(t for t, _ in template.render([Turn("human", " x "), Turn("gpt", "y")]))
     trim = "" if " x " in padded else " | trim"  # the template strips message text
+    bos = tokenizer.bos_token if template.adds_bos and tokenizer.bos_token_id is not None else ""
     jinja = (
-        "{%- macro text(content) -%}{%- if content is string -%}{{ content" + trim + " }}"
+        ("{{- bos_token -}}" if bos else "")
+        + "{%- macro text(content) -%}{%- if content is string -%}{{ content"
+        + trim
+        + " }}"
         "{%- else -%}{%- for part in content if part['type'] == 'image' -%}"
         + "{{ "
         + _literal(IMAGE_PLACEHOLDER + "\n")
@@ -344,7 +355,7 @@ def chat_template_for(template: Template, tokenizer: Any) -> str | None:
         messages = [
             {"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns
         ]
-        expected = (
+        expected = bos + (
             template.prompt(turns) if generate else "".join(t for t, _ in template.render(turns))
         )
         got = tokenizer.apply_chat_template(
@@ -397,6 +408,23 @@ def _drop_local_only(file: Path) -> None:
             file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def llava_hf_state_dict(hf: Any) -> dict[str, torch.Tensor]:
+    """The state dict with the vision tower under `vision_tower.vision_model.*` once saved.
+
+    transformers 5 builds CLIP/SigLIP towers without their `vision_model` level and, for a
+    model that was not loaded from disk, saves them that way; the llava-hf checkpoints users
+    know, vLLM's loader and transformers 4 need the level. transformers 5 loads either layout
+    (its CLIPVisionModel conversion mapping drops the prefix), and `save_pretrained` maps
+    `model.vision_tower` back to the llava-hf `vision_tower` itself.
+    """
+    return {
+        re.sub(
+            r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model.", k
+        ): v
+        for k, v in hf.state_dict().items()
+    }
+
+
 def export_hf_llava(
     model: VisionLanguageModel,
     tokenizer: Any,
@@ -410,7 +438,7 @@ def export_hf_llava(
         raise ConfigError("llm.tokenizer", f"{IMAGE_TOKEN} is not the model's image token.")
     processor = build_processor(model, tokenizer, template)
     out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out)
+    hf.save_pretrained(out, state_dict=llava_hf_state_dict(hf))
     processor.save_pretrained(out)
     _drop_local_only(out / "tokenizer_config.json")
     log.info(

@@ -75,12 +75,32 @@ _CHANNEL_OFFSETS = np.array([0, 256, 512], dtype=np.uint16)[:, None, None]
 
 
 def normalize_planes(
-    planes: np.ndarray, mean: Sequence[float], std: Sequence[float]
+    planes: np.ndarray, mean: Sequence[float], std: Sequence[float], shared: bool = False
 ) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 `(x / 255 - mean) / std`, bit-identical, by table lookup
-    (one lookup for a whole stack of images, e.g. AnyRes tiles)."""
+    (one lookup for a whole stack of images, e.g. AnyRes tiles or a batch).
+
+    `shared`: the result is written straight into shared memory. In a DataLoader worker a
+    tensor crosses to the main process through shared memory; one made elsewhere is copied
+    there first (a second pass over 4 bytes per pixel, about as slow as the lookup)."""
     table = _normalize_table(tuple(mean), tuple(std))
-    return torch.from_numpy(table[planes + _CHANNEL_OFFSETS])
+    index = planes + _CHANNEL_OFFSETS
+    if not shared:
+        return torch.from_numpy(table[index])
+    storage = torch.UntypedStorage._new_shared(index.size * 4)  # type: ignore[attr-defined]
+    out = torch.empty(0, dtype=torch.float32).set_(storage).view(index.shape)
+    np.take(table, index, out=out.numpy())
+    return out
+
+
+def to_planes(images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+    """What a transform's `geometry` returns -> uint8 (3, H, W), or (K, 3, H, W) for a list of
+    equal-size images (AnyRes tiles). The loader's workers send these, a quarter of the float
+    bytes, and normalise a whole batch at once (`normalize_planes`): the same values."""
+    if isinstance(images, Image.Image):
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(2, 0, 1)))
+    stacked = np.stack([np.asarray(image) for image in images])
+    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
 
 
 @lru_cache(maxsize=16)

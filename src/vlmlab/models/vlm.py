@@ -381,7 +381,9 @@ class VisionLanguageModel(nn.Module):
         return self
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(K, 3, H, W) -> (K, M, Dl) image embeddings for the LLM."""
+        """(K, 3, H, W) -> (K, M, Dl) image embeddings for the LLM. A model built on a feature
+        cache (`CachedFeatures` in the encoder slot) takes the cached (K, N, Dv) features here:
+        the stand-in passes them through, so the connector sees what the tower would give."""
         if self.encoder_frozen:
             with torch.no_grad():
                 features = self.encoder(pixel_values)  # (K, N, Dv)
@@ -474,8 +476,12 @@ class VisionLanguageModel(nn.Module):
             vision = [*self.connector.parameters(), *self.encoder.parameters(), *newline]
             if not (torch.is_grad_enabled() and any(p.requires_grad for p in vision)):
                 return 0.0
-        size = int(self.encoder.image_size)
-        blank = embeds.new_zeros((1, 3, size, size), dtype=next(self.encoder.parameters()).dtype)
+        if getattr(self.encoder, "cached", False):  # no tower: a blank image's features
+            blank = self.encoder.blank(embeds)  # type: ignore[attr-defined]
+        else:
+            size = int(self.encoder.image_size)
+            dtype = next(self.encoder.parameters()).dtype
+            blank = embeds.new_zeros((1, 3, size, size), dtype=dtype)
         anchor = self.encode_images(blank).sum()
         for param in newline:  # AnyRes: image_newline is a vision parameter too
             anchor = anchor + param.sum().to(anchor.dtype)
@@ -511,6 +517,34 @@ class VisionLanguageModel(nn.Module):
         softcap = getattr(config, "final_logit_softcapping", None)
         return decoder, head, float(softcap) if softcap is not None else None
 
+    def _attention_kwargs(
+        self,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        cu_seq_lens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> dict[str, Any]:
+        """What keeps the samples of a packed row apart in the LLM's attention.
+
+        Padded batch: the 2D mask. Packed rows: `position_ids` restarting at 0 per sample and no
+        2D mask, from which transformers (5.x `masking_utils.find_packed_sequence_indices`) builds
+        the block-diagonal causal mask for sdpa and eager; flash attention gets the segment
+        offsets as `cu_seq_lens_q/k` and `max_length_q/k` (its varlen path, no host sync).
+        """
+        if position_ids is None:
+            return {"attention_mask": attention_mask}
+        kwargs: dict[str, Any] = {"attention_mask": None, "position_ids": position_ids}
+        config = getattr(self.llm, "config", None)
+        if "flash" in str(getattr(config, "_attn_implementation", "")) and cu_seq_lens is not None:
+            offsets = cu_seq_lens.to(position_ids.device, torch.int32)
+            kwargs.update(
+                cu_seq_lens_q=offsets,
+                cu_seq_lens_k=offsets,
+                max_length_q=max_seqlen,
+                max_length_k=max_seqlen,
+            )
+        return kwargs
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -523,6 +557,9 @@ class VisionLanguageModel(nn.Module):
         image_tokens: Sequence[int] | None = None,
         ids: Sequence[Any] | None = None,
         image_sizes: Sequence[ImageSize] | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         **_: Any,
     ) -> VLMOutput:
         """Logits without labels; with labels, the mean next-token CE over the target tokens.
@@ -531,10 +568,13 @@ class VisionLanguageModel(nn.Module):
         from `collate` (computed on the CPU): given, the training forward needs no host sync of
         its own. `ids` name the sample when its image tokens and embeddings disagree.
         `image_sizes`: (width, height) of every image, in batch order (AnyRes needs them).
+        `position_ids`, `cu_seq_lens`, `max_seqlen`: a packed batch (`data.packing`), see
+        `_attention_kwargs`.
         """
         embeds = self.embed(input_ids, pixel_values, image_index, image_tokens, ids, image_sizes)
+        attn = self._attention_kwargs(attention_mask, position_ids, cu_seq_lens, max_seqlen)
         if labels is None:
-            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            out = self.llm(inputs_embeds=embeds, use_cache=False, **attn)
             return VLMOutput(loss=None, logits=out.logits, num_target_tokens=0)
         if target_index is None:
             target_index = target_positions(labels)
@@ -547,7 +587,7 @@ class VisionLanguageModel(nn.Module):
             )
         parts = self._loss_head()
         if parts is None:  # an LLM whose logits are more than head(hidden): full logits
-            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            out = self.llm(inputs_embeds=embeds, use_cache=False, **attn)
             loss = target_token_loss(
                 nn.Identity(),
                 out.logits,
@@ -558,7 +598,7 @@ class VisionLanguageModel(nn.Module):
             )
             return VLMOutput(loss=loss, logits=out.logits, num_target_tokens=num_target_tokens)
         decoder, head, softcap = parts
-        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        out = decoder(inputs_embeds=embeds, use_cache=False, **attn)
         loss = target_token_loss(
             head,
             out.last_hidden_state,

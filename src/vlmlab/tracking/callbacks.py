@@ -28,7 +28,9 @@ class GradNorm(L.Callback):
     norm inside `engine.step()`, which Lightning calls *after* `on_before_optimizer_step`; it
     is read in `on_train_batch_end` of each batch that stepped (`get_global_grad_norm()`,
     cached until the next step). Where DeepSpeed gives none (ZeRO-1/2 with
-    `compute_grad_norm: false`) nothing is logged, with one warning.
+    `compute_grad_norm: false`) nothing is logged, with one warning. A module that
+    `owns_grad_norm` (VLMModule with plain gradients) has computed it already for its guard
+    and its clipping: that tensor is logged, after the step too, without a second pass.
     """
 
     def __init__(self) -> None:
@@ -41,8 +43,8 @@ class GradNorm(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
-        if _is_deepspeed(trainer):
-            return  # read from the engine after its step, see on_train_batch_end
+        if _is_deepspeed(trainer) or getattr(pl_module, "owns_grad_norm", False):
+            return  # read after the step (the engine's, or the module's), see on_train_batch_end
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
@@ -61,9 +63,15 @@ class GradNorm(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not _is_deepspeed(trainer) or trainer.global_step == self._step_seen:
-            return  # not DeepSpeed, or a micro-batch that only accumulated
+        if trainer.global_step == self._step_seen:
+            return  # a micro-batch that only accumulated
         self._step_seen = trainer.global_step
+        if not _is_deepspeed(trainer):
+            if getattr(pl_module, "owns_grad_norm", False) and pl_module.grad_norm is not None:
+                # VLMModule's guard computed it (one pass over the gradients, not three); a
+                # device tensor, read on the host only when Lightning writes the metric
+                pl_module.log("train/grad_norm", pl_module.grad_norm, on_step=True, on_epoch=False)
+            return
         norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # type: ignore[attr-defined]
         if norm is None:
             if not self._warned:
@@ -181,3 +189,45 @@ class RankAgreement(L.Callback):
         if trainer.is_global_zero:
             for client, run_id in mlflow_runs(trainer):
                 client.log_param(run_id, "distributed.ranks_joined", len(keys))
+
+
+class SystemMetrics(L.Callback):
+    """CPU, memory, disk, network and (with nvidia-ml-py) GPU utilisation and memory, logged
+    by MLflow's own monitor as `system/*` every `interval` seconds while the stage fits (rank
+    zero; MLflow's System metrics tab charts them).
+
+    Why MLflow's monitor: its keys are the ones the UI groups; `mlflow.enable_system_metrics_
+    logging` only covers runs started through `mlflow.start_run`, not Lightning's logger.
+    """
+
+    def __init__(self, tracking_uri: str, interval: float) -> None:
+        self.tracking_uri = tracking_uri
+        self.interval = interval
+        self.monitor: Any = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        runs = mlflow_runs(trainer)
+        if not trainer.is_global_zero or not runs:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            runs[0][1],
+            sampling_interval=self.interval,
+            resume_logging=trainer.global_step > 0,
+            tracking_uri=self.tracking_uri,
+        )
+        self.monitor.start()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            monitor.finish()

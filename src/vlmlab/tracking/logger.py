@@ -21,8 +21,11 @@ from vlmlab.checkpoints.meta import CheckpointMeta, read_meta
 from vlmlab.errors import ConfigError
 from vlmlab.schema import LoggerConfig
 from vlmlab.tracking import journal
+from vlmlab.tracking.datasets import DataInput, link_data_runs, log_inputs
 from vlmlab.tracking.mlflow import flatten, git_commit, run_link, run_name, tracking_uri
-from vlmlab.tracking.sweep_job import parent_run_id, swept_keys
+from vlmlab.tracking.models import register_checkpoint
+from vlmlab.tracking.sweep_job import SWEEP_ID_TAG, parent_run_id, swept_keys, swept_values
+from vlmlab.tracking.ui import announce, mark_training, runs_url, save_view, ui_base
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +64,18 @@ def _mlflow_logger(settings: LoggerConfig, run: RunIdentity) -> Any:
     parent = parent_run_id()
     if parent and run.resume_run_id is None:  # a sweep job: child of the sweep's parent run
         tags["mlflow.parentRunId"] = parent
+        tags[SWEEP_ID_TAG] = parent  # the sweep's view filters on it (the parent has it too)
     name = settings.run_name or run_name(
         str(run.choices.get("stage", run.stage)), run.choices, run.overrides, swept_keys()
     )
     uri = tracking_uri(settings.tracking_uri, run.root)
+    artifacts = str((run.root / "mlartifacts").resolve().as_uri())
     arguments: dict[str, Any] = {
         "experiment_name": settings.experiment_name,
         "run_name": name,
         "tracking_uri": uri,
         "tags": tags,
-        "artifact_location": str((run.root / "mlartifacts").resolve().as_uri()),
+        "artifact_location": artifacts,
         "run_id": run.resume_run_id,
     }
     if not journal.is_remote(uri):  # a local store does not go away mid-run
@@ -145,15 +150,27 @@ class RunStart:
     world_size: int
     accumulation: int
     init: Path | None = None  # the checkpoint the stage starts from
+    inputs: list[DataInput] = field(default_factory=list)  # the data, as MLflow dataset inputs
 
 
 def log_run_start(logger: Any, start: RunStart) -> None:
-    """Config params for any logger; overrides, parameter table and lineage for MLflow."""
+    """Config params for any logger; overrides, parameter table, dataset inputs, the stage's
+    runs-table view and lineage for MLflow."""
     logger.log_hyperparams(flatten(start.config))
     run_id = getattr(logger, "run_id", None)
     client: Any = getattr(logger, "experiment", None) if run_id else None
-    if client is None or not hasattr(client, "log_text"):
+    if client is None or run_id is None or not hasattr(client, "log_text"):
         return
+    # Lightning created the experiment lazily, at the first write (an absent server is a clear
+    # error there: tracking/journal.py); it becomes a model-training one here (tracking/ui.py)
+    mark_training(client, client.get_experiment(logger.experiment_id))
+    log_inputs(client, run_id, start.inputs)
+    link_data_runs(client, run_id, start.inputs)
+    swept = swept_values(start.overrides)
+    for key, value in swept.items():
+        client.log_param(run_id, key, value)
+    if not swept:  # a sweep's jobs share the sweep's view (tracking/sweep.py)
+        stage_view(client, logger.experiment_id, start)
     client.log_text(run_id, OmegaConf.to_yaml(start.config, resolve=True), "config.yaml")
     client.log_text(run_id, "\n".join(start.overrides) + "\n", "overrides.txt")
     client.log_text(run_id, start.table + "\n", "trainable_parameters.txt")
@@ -178,11 +195,51 @@ def log_run_start(logger: Any, start: RunStart) -> None:
         )
 
 
-def log_checkpoint(logger: Any, path: Path, meta: CheckpointMeta) -> None:
-    """Tag the run with the checkpoint it wrote (what `runs:/<id>` resolves to) and its meta."""
+def stage_view(client: Any, experiment_id: str, start: RunStart) -> None:
+    """Save the view of this stage's runs and log the URL that opens it."""
+    settings = logger_settings(start.config.logger)
+    uri = tracking_uri(settings.tracking_uri, Path(str(start.config.paths.root)).resolve())
+    key = f"vlmlab-stage-{start.stage}"
+    save_view(
+        client,
+        experiment_id,
+        key,
+        f"Stage {start.stage} runs",
+        f"tags.stage = '{start.stage}'",
+        tags=tuple(g for g in _TAGGED_GROUPS if g in ("encoder", "connector", "llm", "data")),
+    )
+    announce(
+        f"stage {start.stage} runs",
+        runs_url(ui_base(settings.ui_url, uri), experiment_id, key),
+        uri,
+    )
+
+
+def log_checkpoint(
+    logger: Any, path: Path, meta: CheckpointMeta, register_as: str | None = None
+) -> None:
+    """Tag the run with the checkpoint it wrote (what `runs:/<id>` resolves to) and its meta;
+    `register_as`: also log it as the run's MLflow model, registered under that name."""
     run_id = getattr(logger, "run_id", None)
     client: Any = getattr(logger, "experiment", None) if run_id else None
-    if client is None or not hasattr(client, "set_tag"):
+    if client is None or run_id is None or not hasattr(client, "set_tag"):
         return
     client.set_tag(run_id, "checkpoint", str(path))
     client.log_text(run_id, json.dumps(meta.to_dict(), indent=1), "checkpoint_meta.json")
+    if register_as is None:
+        return
+    params = {f"choice.{k}": str(v) for k, v in meta.choices.items()}
+    params["stage"] = meta.stage
+    try:
+        register_checkpoint(
+            client, run_id, path, register_as, meta.metrics, meta.global_step, params
+        )
+    except Exception as err:  # a server away at the very end: the checkpoint and its tag stand
+        log.warning(
+            "the checkpoint %s was not registered as an MLflow model (%s: %s); it is still "
+            "reachable as runs:/%s",
+            path,
+            type(err).__name__,
+            err,
+            run_id,
+        )

@@ -101,20 +101,23 @@ _COMPONENTS = ("encoder", "connector", "llm")
 def run_name(
     stage: str, choices: dict[str, str], overrides: list[str], swept: tuple[str, ...] = ()
 ) -> str:
-    """Readable run name: `stage1-connector=mlp-encoder=clip336-seed1`.
+    """Short name that tells arms apart in the MLflow runs table: `s1-mlp-clip336-seed1`.
 
-    The groups chosen on the command line name the run (without any: the encoder/connector/llm
-    choices), then other keys a sweep varies (`swept`, by their last name part: `image_size=48`),
-    then the seed when it was set.
+    In a sweep, the values of the keys it varies (`swept`); otherwise the groups chosen on the
+    command line (without any: the encoder/connector/llm choices). A group shows its choice
+    (`mlp`), another key `name=value` by its last name part (`image_size=48`); the seed comes
+    last. The full choices are tags and params.
     """
     given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
-    groups = sorted(k for k in choices if k in given and k not in _NOT_IN_NAME and "/" not in k)
-    if not groups:
-        groups = [c for c in _COMPONENTS if c in choices]
-    parts = [f"stage{stage}", *(f"{k}={choices[k]}" for k in groups)]
-    for key in swept:
-        if key in given and key not in choices and key != "seed":
-            parts.append(f"{key.split('.')[-1]}={given[key]}")
+    if swept:
+        keys = [k for k in swept if k in given and k != "seed" and k not in _NOT_IN_NAME]
+    else:
+        keys = sorted(k for k in choices if k in given and k not in _NOT_IN_NAME and "/" not in k)
+        if not keys:
+            keys = [c for c in _COMPONENTS if c in choices]
+    parts = [f"s{stage}"]
+    for key in keys:
+        parts.append(choices[key] if key in choices else f"{key.split('.')[-1]}={given[key]}")
     if "seed" in given:
         parts.append(f"seed{given['seed']}")
     return "-".join(parts)

@@ -25,7 +25,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vlmlab.tracking.sweep_job import KEYS_ENV, PARENT_ENV
+from vlmlab.tracking.sweep_job import KEYS_ENV, PARENT_ENV, SWEEP_ID_TAG
+from vlmlab.tracking.ui import announce, ensure_experiment, runs_url, save_view, ui_base
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,38 @@ def sweep_keys(overrides: list[str]) -> list[str]:
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
+def parent_name(stage: str, swept: list[str]) -> str:
+    """`sweep-stage1-connector-seed`: what the sweep varies (by the keys' last parts)."""
+    keys = [k.split(".")[-1] for k in swept]
+    return "-".join(["sweep", *([] if "stage" in swept else [f"stage{stage}"]), *keys])
+
+
+def sweep_view(
+    client: Any, experiment_id: str, run_id: str, swept: list[str], config: DictConfig, uri: str
+) -> str:
+    """Save the view of the sweep's runs (the parent and its jobs, the swept keys as columns)
+    and log the URL that opens it."""
+    key = f"vlmlab-sweep-{run_id[:12]}"
+    save_view(
+        client,
+        experiment_id,
+        key,
+        parent_name(str(config.stage.name), swept),
+        f"tags.`{SWEEP_ID_TAG}` = '{run_id}'",
+        params=tuple(f"sweep.{k}" for k in swept),
+    )
+    url = runs_url(ui_base(OmegaConf.select(config, "logger.ui_url"), uri), experiment_id, key)
+    announce("the sweep's runs", url, uri)
+    return url
+
+
 class MlflowSweepCallback(Callback):
     """Hydra callback: one MLflow parent run for a multirun, children tagged with its id."""
 
     def __init__(self) -> None:
         self.client: Any = None
         self.run_id: str | None = None
+        self.url: str | None = None  # the sweep's runs table in the MLflow UI
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from vlmlab.tracking.logger import logger_settings, store_uri
@@ -59,23 +86,18 @@ class MlflowSweepCallback(Callback):
 
         client = MlflowClient(uri)
         name = str(config.logger.experiment_name)
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else client.create_experiment(
-                name, artifact_location=(root / "mlartifacts").resolve().as_uri()
-            )
-        )
+        artifacts = (root / "mlartifacts").resolve().as_uri()
+        experiment_id = ensure_experiment(client, name, artifacts)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = list(config.hydra.overrides.task)
         hydra_overrides = list(config.hydra.overrides.hydra)
         command = shlex.join([Path(sys.argv[0]).name, "-m", *overrides, *hydra_overrides])
         from vlmlab.tracking.mlflow import git_commit
 
+        swept = sweep_keys(overrides)
         run = client.create_run(
             experiment_id,
-            run_name=f"sweep-{sweep_dir.name}",
+            run_name=parent_name(str(config.stage.name), swept),
             tags={
                 SWEEP_TAG: "parent",
                 "vlmlab.sweep_dir": str(sweep_dir),
@@ -88,6 +110,7 @@ class MlflowSweepCallback(Callback):
             },
         )
         self.client, self.run_id = client, run.info.run_id
+        client.set_tag(self.run_id, SWEEP_ID_TAG, self.run_id)
         params: dict[str, str] = {}  # a key given twice: the last value wins, as in Hydra
         for item in overrides:
             key, _, value = item.partition("=")
@@ -101,9 +124,10 @@ class MlflowSweepCallback(Callback):
             json.dumps({"run_id": self.run_id, "tracking_uri": uri, "experiment_id": experiment_id})
         )
         os.environ[PARENT_ENV] = self.run_id
-        os.environ[KEYS_ENV] = json.dumps(sweep_keys(overrides))
+        os.environ[KEYS_ENV] = json.dumps(swept)
         atexit.register(self._end, None)
         log.info("MLflow sweep parent run %s (%s)", self.run_id, command)
+        self.url = sweep_view(client, experiment_id, self.run_id, swept, config, uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end("FINISHED")
@@ -131,5 +155,7 @@ class MlflowSweepCallback(Callback):
             if status is None:
                 self.client.set_tag(run_id, "error", "the sweep stopped before all jobs ended")
             self.client.set_terminated(run_id, final)
+            if self.url:
+                log.info("MLflow: the sweep's runs: %s", self.url)
         except Exception:  # never hide the sweep's own outcome behind a tracking error
             log.exception("could not end the MLflow sweep parent run %s", run_id)

@@ -12,6 +12,7 @@ import os
 
 PARENT_ENV = "VLMLAB_MLFLOW_PARENT_RUN_ID"
 KEYS_ENV = "VLMLAB_SWEEP_KEYS"
+SWEEP_ID_TAG = "vlmlab.sweep_id"  # the parent's run id, on the parent and every job's run
 
 
 def parent_run_id() -> str | None:
@@ -27,3 +28,11 @@ def parent_run_id() -> str | None:
 def swept_keys() -> tuple[str, ...]:
     """Keys the running sweep varies (`connector=linear,mlp` -> connector); () outside a sweep."""
     return tuple(json.loads(os.environ.get(KEYS_ENV, "[]"))) if parent_run_id() else ()
+
+
+def swept_values(overrides: list[str]) -> dict[str, str]:
+    """This job's value of each swept key, as `sweep.<key>` params: the parent logs the same
+    keys with every value, so the chart view's "Group by" groups the jobs by them."""
+    keys = swept_keys()
+    given = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    return {f"sweep.{k}": given[k] for k in keys if k in given}

@@ -96,18 +96,43 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-def nonfinite_flag(loss_sum: torch.Tensor | None, grads: Iterable[torch.Tensor]) -> torch.Tensor:
-    """1.0 where this rank's step loss or the norm of its (local) gradients is not finite.
+def step_gradients(
+    optimizer: Any, params: Iterable[torch.Tensor], with_norm: bool
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """This rank's gradients in the optimizer's order and, with `with_norm`, their L2 norm.
+
+    Why: the guard needs the norm, `train/grad_norm` logs it and clipping scales by it; computed
+    once here instead of three times (each a pass over every gradient). In the optimizer's order,
+    as Lightning's clipping reads them (`Precision.main_params`), the norm is bit-identical to
+    the one `clip_grad_norm_` would compute. `with_norm` only for plain gradients (one process,
+    DDP), where this rank's norm is the global one; sharded ones (FSDP) get none here.
+    """
+    if optimizer is not None:
+        params = (p for group in optimizer.param_groups for p in group["params"])
+    grads = [p.grad for p in params if p.grad is not None]
+    if not with_norm or not grads:
+        return grads, None
+    return grads, torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+
+def nonfinite_flag(
+    loss_sum: torch.Tensor | None,
+    grads: Iterable[torch.Tensor],
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """1.0 where this rank's step loss or the norm of its (local) gradients is not finite
+    (`norm`: that norm, already computed by `step_gradients`).
 
     A 0-dim fp32 tensor on the loss's device, never read on the host here: the caller
     all-reduces it with the other ranks' flags and reads the sum once per optimizer step.
     """
-    local = [_local(g) for g in grads]
+    local = [] if norm is not None else [_local(g) for g in grads]
     parts = []
     if loss_sum is not None:
         parts.append(~torch.isfinite(loss_sum.detach().float().sum()))
     if local:
         norm = torch.nn.utils.get_total_norm(local, norm_type=2.0)
+    if norm is not None:
         parts.append(~torch.isfinite(norm).to(parts[0].device if parts else norm.device))
     if not parts:
         return torch.zeros(())

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import Precision
 
 from vlmlab.errors import ConfigError
 from vlmlab.models.vlm import VisionLanguageModel
@@ -33,6 +34,7 @@ from vlmlab.training.guards import (
     check_fail_after,
     nonfinite_flag,
     nonfinite_weights,
+    step_gradients,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ _COLLATED_EXTRAS = (
     "image_tokens",
     "ids",
     "image_sizes",
+    "position_ids",  # packed rows (data.packing): the segments, see VisionLanguageModel
+    "cu_seq_lens",
+    "max_seqlen",
 )
 
 
@@ -93,10 +98,16 @@ class VLMModule(L.LightningModule):
         self._step_tokens = 0  # target tokens
         self._step_pad = 0  # padded positions and all positions, for data/padding_fraction
         self._step_slots = 0
+        self._step_rows = [0, 0]  # samples and rows (data.packing: several samples per row)
         self._step_loss_sum: torch.Tensor | None = None  # sum of token losses, on the device
         self._step_pending = False
         self._step_total: torch.Tensor | None = None  # all-reduced loss sum of the step
+        self._step_empty: torch.Tensor | None = None  # no target token on any rank (all-bad)
+        self.empty_steps = 0  # all-bad optimizer steps skipped since the run began
         self._step_ids: list[str] = []  # this rank's sample ids of the step (for the guard)
+        # the step's pre-clip gradient norm when `owns_grad_norm` (a device tensor), for GradNorm
+        self.grad_norm: torch.Tensor | None = None
+        self._clip_norm: torch.Tensor | None = None  # the same, until clipping used it
         self.nonfinite = NonFiniteGuard(check_fail_after(fail_after_nonfinite_steps))
         # global token-mean loss of the last step: a device tensor (read it with float())
         self.last_step_loss: torch.Tensor | None = None
@@ -135,6 +146,8 @@ class VLMModule(L.LightningModule):
         self.skipped.update(batch.get("skipped") or {})
         self._step_pad += int(batch.get("num_pad_tokens", 0))  # Python ints from collate
         self._step_slots += int(batch.get("num_tokens", 0))
+        self._step_rows[0] += len(batch.get("ids") or ())
+        self._step_rows[1] += int(batch["input_ids"].shape[0])
         self._step_pending = True
         self._step_ids.extend(str(i) for i in batch.get("ids") or ())
         batch_size = batch["input_ids"].shape[0]
@@ -164,9 +177,9 @@ class VLMModule(L.LightningModule):
         # returned None), so on_after_backward did not close the step
         if self._step_pending and not self.trainer.fit_loop._should_accumulate():
             self._finish_step()
-        self._guard_step()
+        self._guard_step(optimizer)
 
-    def _guard_step(self) -> None:
+    def _guard_step(self, optimizer: Any = None) -> None:
         """Skip this optimizer step on every rank when any rank's loss or gradient norm is not
         finite: gradients become None, so AdamW changes no weight and no state (its step count
         included); clipping sees no gradient. Lightning still counts the step and steps the LR
@@ -175,28 +188,74 @@ class VLMModule(L.LightningModule):
         Module hooks run after the callbacks' `on_before_optimizer_step` (GradNorm logs the bad
         norm first) and before Lightning clips. Under DeepSpeed the engine owns the gradients
         and its step cannot be skipped from here: the step is counted and K in a row fail.
+
+        A step with no target token on any rank (every sample bad) is skipped the same way and
+        counted in `train/skipped_empty`: its zero gradients would still let AdamW move weights.
         """
         total, self._step_total = self._step_total, None
+        empty, self._step_empty = self._step_empty, None
         ids, self._step_ids = self._step_ids, []
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        flag = nonfinite_flag(total, grads).to(self.device).reshape(1)
-        bad = bool(_all_reduce_sum(flag).item() > 0)  # the one host read of the guard
+        grads, norm = step_gradients(optimizer, self.parameters(), self.owns_grad_norm)
+        self.grad_norm = self._clip_norm = norm  # pre-clip; a skipped step clips nothing
+        flag = nonfinite_flag(total, grads, norm).to(self.device).reshape(1)
+        if empty is not None:  # the same on every rank: summed, it stays non-zero when set
+            flag = torch.cat([flag, empty.to(flag.dtype).reshape(1)])
+        verdict = _all_reduce_sum(flag).tolist()  # the one host read of the guard
+        bad, all_bad = verdict[0] > 0, len(verdict) > 1 and verdict[1] > 0
         step = self.trainer.global_step
-        if bad:
+        if bad or all_bad:
+            self._clip_norm = None
             for param in self.parameters():
                 param.grad = None
+        if bad:
             step_ids = [i for rank_ids in _gather_objects(ids) for i in rank_ids]
             self.nonfinite.record(step, True, step_ids)  # raises at the K-th in a row
+        elif all_bad:
+            # no valid sample on any rank: the gradients are exact zeros, but AdamW would still
+            # move the weights (momentum, decay), so the step is skipped, not taken with zeros;
+            # it neither extends nor ends a non-finite streak
+            self.empty_steps += 1
+            log.warning("step %d skipped: no rank had a valid sample (see data/skipped/*)", step)
         else:
             self.nonfinite.record(step, False, [])
-        self.log(
-            "train/skipped_nonfinite",
-            float(self.nonfinite.total),
-            on_step=True,
-            on_epoch=False,
-            reduce_fx="max",
-            batch_size=1,
-        )
+        for name, count in (("nonfinite", self.nonfinite.total), ("empty", self.empty_steps)):
+            self.log(
+                f"train/skipped_{name}",
+                float(count),
+                on_step=True,
+                on_epoch=False,
+                reduce_fx="max",
+                batch_size=1,
+            )
+
+    @property
+    def owns_grad_norm(self) -> bool:
+        """Whether the guard's norm is the global pre-clip gradient norm (plain gradients: one
+        process or DDP), so `GradNorm` logs `grad_norm` and clipping reuses it."""
+        return not self.model.sharded
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the norm the guard computed (`step_gradients`): what `clip_grad_norm_` does,
+        minus its own pass over the gradients. Another precision plugin's or algorithm's
+        clipping goes through Lightning as before."""
+        norm, self._clip_norm = self._clip_norm, None
+        plugin = type(self.trainer.precision_plugin)
+        if (
+            norm is not None
+            and gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and plugin.clip_grad_by_norm is Precision.clip_grad_by_norm
+            and plugin.main_params is Precision.main_params
+        ):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), norm)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _set_gradient_sync(self) -> None:
         """FSDP2: reduce-scatter gradients on the step's last micro-batch only.
@@ -224,19 +283,24 @@ class VLMModule(L.LightningModule):
         """
         device = self.device
         counts = torch.tensor(
-            [self._step_tokens, self._step_pad, self._step_slots], dtype=torch.float64
+            [self._step_tokens, self._step_pad, self._step_slots, *self._step_rows],
+            dtype=torch.float64,
         ).to(device, non_blocking=True)  # pageable host memory: staged, no device sync
         loss_sum = self._step_loss_sum
         if loss_sum is None:
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         stats = _all_reduce_sum(torch.cat([counts, loss_sum.to(device).reshape(1)]))
         self._step_tokens, self._step_pad, self._step_slots = 0, 0, 0
+        self._step_rows = [0, 0]
         self._step_loss_sum, self._step_pending = None, False
-        tokens, pad, slots, total = stats.unbind()
+        tokens, pad, slots, samples, rows, total = stats.unbind()
         self._step_total = total  # NaN / inf on every rank when any rank's loss was
+        self._step_empty = tokens == 0
         self.log("train/target_tokens", tokens, on_step=True, on_epoch=False, batch_size=1)
         padding = pad / slots.clamp_min(1)
         self.log("data/padding_fraction", padding, on_step=True, on_epoch=False, batch_size=1)
+        per_row = samples / rows.clamp_min(1)  # 1 without packing
+        self.log("data/samples_per_row", per_row, on_step=True, on_epoch=False, batch_size=1)
         if self.global_token_loss:
             scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
             _scale_gradients(self.parameters(), (scale / tokens.clamp_min(1)).float())
@@ -344,11 +408,13 @@ class VLMModule(L.LightningModule):
             "skipped": dict(total),  # all ranks
             "per_rank": per_rank,
             "nonfinite": self.nonfinite.state_dict(),  # the same on every rank
+            "empty_steps": self.empty_steps,  # the same on every rank
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("vlmlab", {})
         self.nonfinite.load_state_dict(state.get("nonfinite") or {})
+        self.empty_steps = int(state.get("empty_steps", 0))
         rank = self.global_rank
         world = self.trainer.world_size if self._trainer is not None else 1
         per_rank = state.get("per_rank")

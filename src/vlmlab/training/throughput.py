@@ -137,7 +137,7 @@ class Throughput(L.Callback):
     ) -> None:
         mask = batch["attention_mask"]
         pixels = batch.get("pixel_values")
-        self._counts[0] += mask.shape[0]
+        self._counts[0] += len(batch["ids"]) if "ids" in batch else mask.shape[0]  # packed rows
         self._counts[1] += mask.numel()
         self._counts[2] += 0 if pixels is None else pixels.shape[0]
         self._tokens = self._tokens + mask.sum()
