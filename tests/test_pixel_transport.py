@@ -81,7 +81,9 @@ def test_loader_pixels_equal_the_per_image_float_path(
         if not with_image:
             assert batch["pixel_values"] is None
             continue
-        expected = torch.stack([TRANSFORM(decode_image(payloads[i], orient=False)) for i in with_image])
+        expected = torch.stack(
+            [TRANSFORM(decode_image(payloads[i], orient=False)) for i in with_image]
+        )
         assert batch["pixel_values"].dtype == torch.float32
         assert torch.equal(batch["pixel_values"], expected)
         seen += len(with_image)

@@ -694,9 +694,7 @@ def callback_settings(cfg: DictConfig, ctx: RunContext, logger: Any) -> Callback
     )
 
 
-def system_metrics(
-    cfg: DictConfig, ctx: RunContext, logger: Any
-) -> tracking.SystemMetrics | None:
+def system_metrics(cfg: DictConfig, ctx: RunContext, logger: Any) -> tracking.SystemMetrics | None:
     """MLflow's system-metrics monitor when `logger.system_metrics` (null: on GPU runs) and the
     run logs to MLflow."""
     import torch
