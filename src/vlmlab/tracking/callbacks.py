@@ -67,10 +67,11 @@ class GradNorm(L.Callback):
             return  # a micro-batch that only accumulated
         self._step_seen = trainer.global_step
         if not _is_deepspeed(trainer):
-            if getattr(pl_module, "owns_grad_norm", False) and pl_module.grad_norm is not None:
+            norm = getattr(pl_module, "grad_norm", None)
+            if getattr(pl_module, "owns_grad_norm", False) and isinstance(norm, torch.Tensor):
                 # VLMModule's guard computed it (one pass over the gradients, not three); a
                 # device tensor, read on the host only when Lightning writes the metric
-                pl_module.log("train/grad_norm", pl_module.grad_norm, on_step=True, on_epoch=False)
+                pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             return
         norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # type: ignore[attr-defined]
         if norm is None:
