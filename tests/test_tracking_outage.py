@@ -91,6 +91,7 @@ class Server:
                         return
             except OSError:
                 time.sleep(0.3)
+        self.kill()  # no server left behind by a failed start
         raise RuntimeError(f"mlflow server on {self.uri} did not start")
 
     def kill(self) -> None:
