@@ -1,5 +1,6 @@
 """Sweeps as users run them (subprocesses): MLflow parent/child runs with the basic, joblib and
-submitit-local launchers, DDP inside a sweep, `vlmlab report`, and a real `mlflow server`.
+submitit-local launchers, DDP inside a sweep, `vlmlab report`, a real `mlflow server`, and the
+sweep's runs table opened in headless Chromium (issue 19 item 3, acceptance 1).
 
 Each sweep is shortened (tiny data, `trainer.max_steps=2`, stage 1 from the base weights) but
 otherwise the command of the issue; one sweep serves several assertions to keep CI short.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,8 +72,19 @@ def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("sweep-data")
 
 
-def test_basic_sweep_parent_children_and_report(tmp_path: Path, shared_data: Path) -> None:
-    _sweep(tmp_path, shared_data, "connector=linear,mlp", "seed=1,2")
+@pytest.fixture(scope="module")
+def demo_sweep(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[Path, str]:
+    """The 4-job basic sweep, with its held-out eval on: the report and the browser test read it."""
+    root = tmp_path_factory.mktemp("demo-sweep")
+    proc = _sweep(
+        root, shared_data, "connector=linear,mlp", "seed=1,2", "stage.evaluate=true",
+        "eval.max_samples=4", "eval.max_new_tokens=4", "logger.samples=0",
+    )  # fmt: skip
+    return root, proc.stdout + proc.stderr
+
+
+def test_basic_sweep_parent_children_and_report(demo_sweep: tuple[Path, str]) -> None:
+    tmp_path = demo_sweep[0]
     client, parent, children = _parent_and_children(tmp_path)
 
     assert parent.info.status == "FINISHED"
@@ -113,18 +127,12 @@ def test_basic_sweep_parent_children_and_report(tmp_path: Path, shared_data: Pat
 
 
 def test_joblib_sweep_parent_and_children(tmp_path: Path, shared_data: Path) -> None:
-    _sweep(
-        tmp_path,
-        shared_data,
-        "connector=linear,mlp",
-        "seed=1,2",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-    )
+    _sweep(tmp_path, shared_data, "connector=linear,mlp", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2")  # fmt: skip
     _, parent, children = _parent_and_children(tmp_path)
     assert parent.info.status == "FINISHED" and parent.data.tags["hydra.launcher"] == "joblib"
-    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
-    assert len({r.info.run_name for r in children}) == 4
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(r.info.run_name for r in children) == ["s1-linear", "s1-mlp"]
 
 
 def test_ddp_inside_a_sweep_runs_each_job_once(tmp_path: Path, shared_data: Path) -> None:
@@ -167,27 +175,8 @@ def _free_port() -> int:
 def test_runs_through_an_mlflow_server(compose_cfg, tmp_path: Path) -> None:
     from vlmlab.train import train
 
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = _start_server(f"sqlite:///{tmp_path / 'server.db'}", timeout=300)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not answer /health"
-            time.sleep(0.5)
         train(compose_cfg("stage=1", "connector=linear", f"logger.tracking_uri={uri}"))
         client = MlflowClient(tracking_uri=uri)
         (run,) = client.search_runs([client.get_experiment_by_name("vlmlab").experiment_id])
@@ -197,5 +186,97 @@ def test_runs_through_an_mlflow_server(compose_cfg, tmp_path: Path) -> None:
         assert len(client.get_metric_history(run.info.run_id, "train/grad_norm")) >= 3
         assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default local store
     finally:
-        server.terminate()
+        _stop(server)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+URL_LINE = re.compile(r"MLflow: the sweep's runs: (http\S+)")
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    assert CHROMIUM is not None
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",  # root in CI containers
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=2400,1200",
+        "--virtual-time-budget=20000",  # let the app fetch and render the runs
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def _start_server(store: str, timeout: float) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free loopback port, once it answers /health."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout  # slow to start on a loaded 2-core machine
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    return server, base
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            _stop(server)
+            raise AssertionError("mlflow server exited or did not answer /health")
+        time.sleep(0.5)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
         server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="chromium is not installed (apt-get install -y chromium; .ci/run does); CI must run it",
+)
+def test_sweep_runs_table_in_a_real_browser(demo_sweep: tuple[Path, str]) -> None:
+    """The URL `python train.py -m` logged, opened in headless Chromium on a real `mlflow
+    server`: the runs table shows the parent with its 4 jobs, their dataset and `eval/accuracy`,
+    not MLflow 3's GenAI overview. The screenshot is copied to $VLMLAB_TEST_ARTIFACTS (default:
+    /tmp/vlmlab-test-artifacts)."""
+    tmp_path, output = demo_sweep
+    (logged,) = set(URL_LINE.findall(output))  # at its start and end
+    assert logged.startswith("http://127.0.0.1:5000/#/experiments/")
+    assert "workflowType=machine_learning" in logged and "viewStateShareKey=" in logged
+    _, parent, children = _parent_and_children(tmp_path)
+    assert parent.info.run_name == "sweep-stage1-connector-seed"
+    assert len(children) == 4
+    accuracies = {r.data.metrics["eval/accuracy"] for r in children}
+
+    server, base = _start_server(f"sqlite:///{tmp_path / 'mlflow.db'}", timeout=300)
+    try:
+        url = logged.replace("http://127.0.0.1:5000", base)
+        dom = _chromium("--dump-dom", url).stdout
+        (tmp_path / "runs_table.html").write_text(dom)
+        shot = tmp_path / "runs_table.png"
+        _chromium(f"--screenshot={shot}", url)
+    finally:
+        _stop(server)
+    keep = Path(os.environ.get("VLMLAB_TEST_ARTIFACTS", "/tmp/vlmlab-test-artifacts"))
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, keep / "mlflow_runs_table.png")
+    shutil.copy(tmp_path / "runs_table.html", keep / "mlflow_runs_table.html")
+
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+    assert "Detect issues" not in dom  # not the GenAI overview
+    assert parent.info.run_name in dom
+    for child in children:
+        assert child.info.run_name in dom, child.info.run_name
+    assert "align" in dom  # the Dataset column: the stage's shard set
+    assert "eval/accuracy" in dom
+    assert any(f"{value:g}"[:4] in dom for value in accuracies)
