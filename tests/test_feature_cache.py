@@ -148,6 +148,30 @@ def test_corrupt_or_truncated_shard_is_recomputed_never_trained_on(compose_cfg) 
     assert again.computed == 2 and [s.read_bytes() for s in shards] == good
 
 
+def test_an_unchanged_cache_is_not_read_again_a_touched_shard_is(compose_cfg, monkeypatch) -> None:
+    """Starting a run does not hash the whole cache: a shard whose size and mtime are those it
+    had when hashed is trusted; one whose stat changed is hashed (and kept: same bytes)."""
+    cfg = compose_cfg("stage=1")
+    source = _align_source(cfg)
+    cache = features.ensure_features(source, as_dict(cfg.encoder), _key(cfg)).sources[0].shard_dir
+    shards = sorted(cache.glob("*.tar"))
+    hashed: list[str] = []
+    original = features.sha256_file
+
+    def spy(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return original(path)
+
+    monkeypatch.setattr(features, "sha256_file", spy)
+    assert features.stale_shards(cache, source[0].shard_dir) == []
+    assert hashed == []  # no shard was read
+    later = shards[0].stat().st_mtime_ns + 10**9
+    os.utime(shards[0], ns=(later, later))  # touched: same bytes, another mtime
+    assert features.stale_shards(cache, source[0].shard_dir) == []
+    assert hashed == [shards[0].name]
+    assert features.ensure_features(source, as_dict(cfg.encoder), _key(cfg)).computed == 0
+
+
 def _align_source(cfg) -> list:
     from vlmlab.data.mixture import Source
     from vlmlab.data.prepare import resolve_dataset

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmlab.data.remote import is_remote, upload
-from vlmlab.data.shards import MANIFEST, _add_member, sample_offsets
+from vlmlab.data.shards import MANIFEST, _add_member, sample_offsets, sha256_file
 from vlmlab.data.validate import (
     Accepted,
     Rejected,
@@ -123,14 +123,6 @@ def presized_ppm(payload: bytes, transform: ImageTransform) -> bytes:
     return out.getvalue()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _atomic_write(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(payload)
@@ -170,7 +162,7 @@ def _finished(plan: ShardPlan, out_dir: Path) -> str | None:
         return None
     if recorded.get("fingerprint") != plan.fingerprint():
         return None
-    sha = _sha256_file(path)
+    sha = sha256_file(path)
     return sha if sha == recorded.get("sha256") else None
 
 
@@ -197,7 +189,7 @@ def write_shard(plan: ShardPlan, out_dir: Path, image_root: Path) -> ShardResult
                     _add_member(tar, f"{sample.key}.{sample.image_ext}", payload)
                 else:
                     _add_member(tar, f"{sample.key}.ppm", presized_ppm(payload, plan.presize))
-    sha = _sha256_file(tmp)
+    sha = sha256_file(tmp)
     # sidecar first: a shard that exists under its final name always has one
     sidecar = {"fingerprint": plan.fingerprint(), "sha256": sha}
     _atomic_write(out_dir / PARTS / f"{plan.name}.json", json.dumps(sidecar).encode())
@@ -540,7 +532,7 @@ def main(argv: list[str]) -> int:
         settings = {
             # names, not absolute paths: the same data converted elsewhere gives the same manifest
             "input": args.json.name,
-            "input_sha256": _sha256_file(args.json),
+            "input_sha256": sha256_file(args.json),
             "image_root": args.image_root.name,
             "samples_per_shard": args.samples_per_shard,
             "max_shard_bytes": args.max_shard_bytes,

@@ -21,8 +21,9 @@ the same step (`decode`: before the text is tokenised, `pixels`: after).
 architecture, `select_layer`, `select_feature`, `dtype`, `init_seed`, transform, backend,
 attention kernel), a fingerprint of its weight files (content sha256; random init is a
 function of the preset), the storage dtype and the format version. A changed key is another
-folder, so a stale file is never read. Each shard's sha256 is recorded and checked before a run
-reads the cache: a corrupt or truncated shard is recomputed, never trained on. A file lock makes
+folder, so a stale file is never read. Each shard's sha256 is recorded, with the size and mtime
+it had when hashed, and checked before a run reads the cache: a shard whose stat changed is
+hashed again, and a corrupt or truncated one is recomputed, never trained on. A file lock makes
 parallel jobs compute a cache once: the first computes, the others wait and then check it.
 """
 
@@ -48,7 +49,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from vlmlab.data.mixture import Source
-from vlmlab.data.shards import MANIFEST, read_manifest, shard_index
+from vlmlab.data.shards import MANIFEST, read_manifest, sha256_file, shard_index
 from vlmlab.data.tokenize import UNUSABLE_IMAGE, BadSample
 from vlmlab.data.validate import IMAGE_EXTENSIONS, decode_image
 from vlmlab.errors import ConfigError
@@ -285,17 +286,28 @@ def write_feature_shard(
             elif it.bad is not None:
                 bad = {**it.bad, "image_size": it.image_size}
                 _member(tar, f"{it.key}.{BAD}", json.dumps(bad).encode())
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     tmp.replace(out)
-    return {"name": out.name, "num_samples": len(items), "sha256": digest}
+    return {"name": out.name, "num_samples": len(items), **_stamp(out, digest)}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _stamp(path: Path, digest: str) -> dict[str, Any]:
+    """What the manifest records of a shard: its sha256 and the size and mtime it had when
+    hashed (a shard whose stat still matches is not hashed again: see `stale_shards`)."""
+    stat = path.stat()
+    return {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _unchanged(path: Path, recorded: Mapping[str, Any]) -> bool:
+    """True when the shard is the file that was hashed: same sha256, or, without reading it,
+    the same size and mtime as when it was hashed (any rewrite or truncation changes these)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    if (stat.st_size, stat.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
+        return True
+    return sha256_file(path) == recorded["sha256"]
 
 
 @contextlib.contextmanager
@@ -325,22 +337,33 @@ def _source_identity(shard_dir: Path) -> str:
 
 def stale_shards(cache_dir: Path, image_dir: Path) -> list[str]:
     """Image shards whose feature shard is missing, from other images, corrupt or truncated
-    (sha256 against the cache manifest): these are (re)computed before anything reads them."""
+    (sha256 against the cache manifest): these are (re)computed before anything reads them.
+
+    Only shards whose size or mtime changed since they were hashed are read and hashed again:
+    a run on a cache of hundreds of GB starts at once instead of hashing it all on every rank.
+    """
     names = [Path(p).name for p, _ in shard_index(image_dir)]
     if not (cache_dir / MANIFEST).is_file():
         return names
     manifest = read_manifest(cache_dir)
     if manifest.get("source") != _source_identity(image_dir):
         return names
-    recorded = {s["name"]: s["sha256"] for s in manifest.get("shards", [])}
+    recorded = {s["name"]: s for s in manifest.get("shards", [])}
     stale = []
     for name in names:
         path = cache_dir / name
-        if name not in recorded or not path.is_file() or _sha256(path) != recorded[name]:
+        if name not in recorded or not _unchanged(path, recorded[name]):
             if path.is_file():
                 log.warning("feature shard %s fails its checksum: recomputing it", path)
             stale.append(name)
     return stale
+
+
+def _previous_shards(cache_dir: Path) -> list[dict[str, Any]]:
+    """The shards of the cache's manifest, if it has one (none when it was never completed)."""
+    if not (cache_dir / MANIFEST).is_file():
+        return []
+    return list(read_manifest(cache_dir).get("shards", []))
 
 
 @dataclass(frozen=True)
@@ -405,10 +428,15 @@ def ensure_features(
                     log.info("building the encoder to compute its feature cache %s", digest)
                     built = _build_encoder(encoder)
                 cache_dir.mkdir(parents=True, exist_ok=True)
+                stamps = {  # the shards kept: checked by stale_shards, stamped with today's stat
+                    shard["name"]: _stamp(cache_dir / shard["name"], shard["sha256"])
+                    for shard in _previous_shards(cache_dir)
+                    if shard["name"] not in stale
+                }
                 (cache_dir / MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
                 log.info("computing features of %d shards into %s", len(stale), cache_dir)
                 for name in stale:
-                    write_feature_shard(
+                    stamps[name] = write_feature_shard(
                         image_dir / name, cache_dir / name, built, dtype, batch_size
                     )
                     computed += 1
@@ -422,11 +450,7 @@ def ensure_features(
                     "has_cls": bool(built.has_cls),
                     "writer_pid": os.getpid(),
                     "shards": [
-                        {
-                            "name": Path(p).name,
-                            "num_samples": n,
-                            "sha256": _sha256(cache_dir / Path(p).name),
-                        }
+                        {**stamps[Path(p).name], "name": Path(p).name, "num_samples": n}
                         for p, n in shard_index(image_dir)
                     ],
                 }

@@ -24,6 +24,15 @@ MANIFEST = "manifest.json"
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in 16 MiB blocks (shards are too large to read at once)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
