@@ -11,6 +11,8 @@ or leaves the connector without a gradient.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +45,11 @@ class Recorder(L.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(data))
 
 
-def main(shard_dir: Path, out_dir: Path) -> None:
+def fit(
+    location: Path | str, out_dir: Path, callbacks: list[L.Callback], epochs: int, **data: Any
+) -> None:
+    """A 2-rank CPU DDP fit of the tiny stage-2 model on the shards at `location` (a folder or
+    a URL), batch 4 per rank, 2 workers; `data` adds VLMDataModule arguments (e.g. `fetch`)."""
     from vlmlab import stages
     from vlmlab.config import compose
     from vlmlab.data.datamodule import StreamPosition, VLMDataModule
@@ -56,29 +62,45 @@ def main(shard_dir: Path, out_dir: Path) -> None:
     plan = stages.apply(cfg.stage, model)
     text_encoder = TextEncoder.for_model(model, tokenizer, str(cfg.stage.template), 256)
     datamodule = VLMDataModule(
-        shard_dir,
+        location,
         text_encoder,
         model.encoder.image_transform,
         batch_size=4,
         num_workers=2,
         shuffle_buffer=4,
         seed=0,
+        **data,
     )
-    total_steps = 2 * datamodule.batches_per_epoch(2)
+    total_steps = epochs * datamodule.batches_per_epoch(2)
     module = VLMModule(model, as_dict(cfg.stage.optim), total_steps, groups=plan.groups)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_epochs=2,
+        max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[StreamPosition(), Recorder(out_dir)],
+        callbacks=[StreamPosition(), *callbacks],
         default_root_dir=str(out_dir),
     )
     trainer.fit(module, datamodule=datamodule)
+
+
+def run_script(script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `python <script> <args>` from the repo root (Lightning relaunches it for rank 1)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, script, *args]
+    return subprocess.run(
+        command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def main(shard_dir: Path, out_dir: Path) -> None:
+    fit(shard_dir, out_dir, [Recorder(out_dir)], epochs=2)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import threading
 from collections import Counter
@@ -22,6 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from tests.streaming_ddp import run_script
 from vlmlab.data.datamodule import MISSING_SHARD, ShardStream
 from vlmlab.data.mixture import Mixture, Source
 from vlmlab.data.remote import (
@@ -373,16 +373,7 @@ def test_two_rank_ddp_epoch_from_a_flaky_http_server(
     within its own shards plus at most one partial shard at each end of its range."""
     folder, ids = shard_dir
     with FlakyShardServer(folder, drop_rate=0.05, seed=DROP_SEED) as server:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        proc = subprocess.run(
-            [sys.executable, "tests/test_remote_shards.py", server.url, str(tmp_path)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = run_script("tests/test_remote_shards.py", server.url, str(tmp_path), timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert Counter(ranks[0]["ids"] + ranks[1]["ids"]) == Counter(ids)
@@ -425,14 +416,11 @@ def _shard_bytes(folder: Path) -> dict[str, int]:
 
 
 def _ddp_main(url: str, out_dir: Path) -> None:
+    import logging
+
     import lightning as L
 
-    from vlmlab import stages
-    from vlmlab.config import compose
-    from vlmlab.data.datamodule import StreamPosition, VLMDataModule
-    from vlmlab.data.tokenize import TextEncoder
-    from vlmlab.models import as_dict, build_vlm
-    from vlmlab.training.module import VLMModule
+    from tests.streaming_ddp import fit
 
     class Recorder(L.Callback):
         def __init__(self) -> None:
@@ -453,41 +441,11 @@ def _ddp_main(url: str, out_dir: Path) -> None:
             }
             (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
-    import logging
-
     logging.basicConfig(
         filename=out_dir / f"log{os.environ.get('LOCAL_RANK', '0')}.txt", level=logging.INFO
     )
-    cfg = compose([f"paths.root={out_dir}", "stage=2", "stage.init_from=null"])
-    model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
-    plan = stages.apply(cfg.stage, model)
-    text_encoder = TextEncoder.for_model(model, tokenizer, str(cfg.stage.template), 256)
-    datamodule = VLMDataModule(
-        url,
-        text_encoder,
-        model.encoder.image_transform,
-        batch_size=4,
-        num_workers=2,
-        shuffle_buffer=4,
-        seed=0,
-        fetch=FetchPolicy(retries=6, timeout=30.0, backoff=0.05),
-    )
-    module = VLMModule(
-        model, as_dict(cfg.stage.optim), datamodule.batches_per_epoch(2), groups=plan.groups
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[StreamPosition(), Recorder()],
-        default_root_dir=str(out_dir),
-    )
-    trainer.fit(module, datamodule=datamodule)
+    fetch = FetchPolicy(retries=6, timeout=30.0, backoff=0.05)
+    fit(url, out_dir, [Recorder()], epochs=1, fetch=fetch)
 
 
 def _logged_bytes(out_dir: Path, rank: int) -> int | None:

@@ -4,10 +4,7 @@ length grouping, bad samples through a real Lightning fit, and a 2-process DDP f
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from tests.conftest import REPO
+from tests.streaming_ddp import run_script
 from vlmlab import checkpoints
 from vlmlab.data.datamodule import SampleProcessor, ShardStream, VLMDataModule, _Collator
 from vlmlab.data.grouping import fit_sizes
@@ -440,16 +437,7 @@ def test_two_rank_ddp_fit_sees_every_sample_once_per_epoch(
     shard_dir = tmp_path / "shards"
     write_shards(records, root / "images", shard_dir, shard_sizes=UNEVEN)
     expected = [r["id"] for r in good]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(
-        [sys.executable, "tests/streaming_ddp.py", str(shard_dir), str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_script("tests/streaming_ddp.py", str(shard_dir), str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     planned = batches_per_rank(len(records), 2, 4)
