@@ -96,6 +96,7 @@ def test_round_trip_through_the_datamodule(dataset: tuple[Path, Path], tmp_path:
     )
     hist = manifest["token_lengths"]
     assert (hist["count"], hist["min"], hist["max"]) == (40, lengths[0], lengths[-1])
+    assert manifest["num_tokens"] == sum(lengths)
     assert sum(hist["counts"]) == 40 and lengths[-1] <= hist["edges"][-1]
     assert len(hist["counts"]) == len(hist["edges"])  # the last count: above the last edge
     for (lo, hi), count in zip(pairwise(hist["edges"]), hist["counts"]):

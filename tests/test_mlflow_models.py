@@ -148,6 +148,9 @@ def test_curation_is_a_run_that_training_data_traces_back_to(tmp_path: Path) -> 
                   "--out", str(shards)]) == 0  # fmt: skip
     item = _shard_set_input("curated", shards, "training")
     assert item.profile["source_sha256"] == sha and item.profile["num_samples"] == 4
+    manifest = json.loads((shards / "manifest.json").read_text())  # token counts, as converted
+    assert item.profile["num_tokens"] == manifest["num_tokens"] > 4 * 16
+    assert item.profile["tokens_max"] == manifest["token_lengths"]["max"]
     train_run = client.create_run(experiment.experiment_id)
     link_data_runs(client, train_run.info.run_id, [item])
     tags = client.get_run(train_run.info.run_id).data.tags

@@ -261,6 +261,7 @@ def build_manifest(
         "num_rejected": len(rejected),
         "rejected": dict(sorted(Counter(r.reason for r in rejected).items())),
         "bytes": sum(r.bytes for r in results),
+        "num_tokens": sum(s.num_tokens for s in accepted),  # image tokens expanded
         "token_lengths": length_histogram(s.num_tokens for s in accepted),
         "shards": shards,
         "sha256": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),

@@ -44,6 +44,10 @@ def _shard_set_input(name: str, location: Path | str, context: str) -> DataInput
         if k in manifest
     }
     profile["num_shards"] = len(manifest.get("shards", []))
+    lengths = manifest.get("token_lengths") or {}  # `vlmlab shards` data: tokens per sample
+    profile.update(
+        {f"tokens_{k}": lengths[k] for k in ("mean", "p50", "p95", "max") if k in lengths}
+    )
     converted = (manifest.get("converter") or {}).get("args") or {}
     if converted.get("input_sha256"):  # the LLaVA JSON `vlmlab shards` read (curated data)
         profile["source_sha256"] = converted["input_sha256"]
