@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from vlmlab import cli
@@ -57,6 +58,16 @@ def test_stage_is_a_registered_model_with_its_data(
 
     # system metrics while it trained (CPU here; GPU keys need a GPU and nvidia-ml-py)
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
+    # the GPU keys come from MLflow's NVML monitor: its binding (nvidia-ml-py) is a dependency,
+    # so the monitor starts on a GPU machine; without a GPU it stops at the missing NVML library
+    # (without the binding it would raise ImportError and GPU runs would log no GPU metrics)
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    if torch.cuda.is_available():
+        GPUMonitor()
+    else:
+        with pytest.raises(RuntimeError, match="NVML"):
+            GPUMonitor()
 
     # the final checkpoint: a logged model of the run with its eval metrics, registered
     (version,) = client.search_model_versions("name = 'vlmlab-stage1'")
