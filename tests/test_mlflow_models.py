@@ -167,3 +167,49 @@ def test_curation_is_a_run_that_training_data_traces_back_to(tmp_path: Path) -> 
     tags = client.get_run(train_run.info.run_id).data.tags
     assert tags["data.source_sha256"] == sha
     assert tags["vlmlab.data_run"] == curated.info.run_id
+
+
+def _log_the_same_datasets(uri: str, rounds: int, barrier: Any, out: Any) -> None:
+    """One of several parallel jobs: each round, a new run logs the round's dataset at the same
+    moment as the other jobs (a barrier), as joblib sweep jobs do at their start."""
+    from vlmlab.tracking.datasets import DataInput, log_inputs
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("race").experiment_id
+    errors = []
+    for round_ in range(rounds):
+        run_id = client.create_run(experiment).info.run_id
+        item = DataInput("align", f"{round_:064x}", "/data/align", "training", {})
+        barrier.wait()
+        try:
+            log_inputs(client, run_id, [item])
+        except Exception as error:  # what made a sweep job FAILED before the retry
+            errors.append(f"{type(error).__name__}: {str(error)[:200]}")
+    out.put(errors)
+
+
+def test_parallel_jobs_logging_one_dataset_all_succeed(tmp_path: Path) -> None:
+    """Seen in CI: of two joblib jobs, the one that lost MLflow's lookup-then-insert race for
+    the shared dataset row failed its whole run (UNIQUE constraint). Three processes log the
+    same new dataset at once, 6 times: every run gets its input, no job fails."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("race")
+    context = multiprocessing.get_context("spawn")
+    jobs, rounds = 3, 6
+    barrier, out = context.Barrier(jobs), context.Queue()
+    processes = [
+        context.Process(target=_log_the_same_datasets, args=(uri, rounds, barrier, out))
+        for _ in range(jobs)
+    ]
+    for process in processes:
+        process.start()
+    errors = [error for _ in processes for error in out.get(timeout=300)]
+    for process in processes:
+        process.join(timeout=60)
+    assert errors == []
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == jobs * rounds
+    assert all(len(run.inputs.dataset_inputs) == 1 for run in runs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,23 @@ def log_inputs(client: Any, run_id: str, inputs: list[DataInput]) -> None:
         )
         for item in inputs
     ]
-    if entries:
-        client.log_inputs(run_id, datasets=entries)
+    if not entries:
+        return
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=entries)
+            return
+        except MlflowException as error:
+            # Parallel jobs (joblib, a SLURM array) log the same dataset to one experiment: MLflow
+            # looks the row up, then inserts it, so a job that lost the race to insert gets the
+            # store's unique-constraint error. Retried, it finds the other job's row and links it.
+            raced = any(word in str(error).lower() for word in ("unique", "duplicate"))
+            if attempt == 2 or not raced:
+                raise
+            log.info("dataset inputs raced another job's (%s): retrying", type(error).__name__)
+            time.sleep(0.2 * (attempt + 1))
 
 
 def link_data_runs(client: Any, run_id: str, inputs: list[DataInput]) -> None:
