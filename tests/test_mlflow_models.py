@@ -33,7 +33,7 @@ def test_stage_is_a_registered_model_with_its_data(
         "stage.evaluate=true",
         "eval=tiny",
         "logger.system_metrics=true",
-        "logger.system_metrics_interval=1",
+        "logger.system_metrics_interval=0.2",  # training may take 1 s: sample often
     )
     with caplog.at_level(logging.INFO, logger="vlmlab"):
         result = train(cfg)
