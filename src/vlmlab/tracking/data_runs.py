@@ -9,12 +9,13 @@ what joins a data run to the shards made from it. Read from the verb's own outpu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from vlmlab.data.shards import sha256_file
+from vlmlab.tracking.datasets import log_dataset_inputs
 from vlmlab.tracking.mlflow import git_commit
 from vlmlab.tracking.ui import ensure_experiment
 
@@ -31,14 +32,6 @@ def _flat(prefix: str, value: Any, into: dict[str, str]) -> None:
             _flat(f"{prefix}.{key}" if prefix else str(key), item, into)
     else:
         into[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def log_data_run(verb: str, out: Path, argv: list[str], tracking_uri: str, experiment: str) -> str:
@@ -79,9 +72,8 @@ def log_data_run(verb: str, out: Path, argv: list[str], tracking_uri: str, exper
             schema=json.dumps({"sha256": sha}),
             profile=json.dumps({"num_samples": summary.get("kept")}),
         )
-        client.log_inputs(
-            run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "output")])]
-        )
+        output = DatasetInput(dataset, [InputTag("mlflow.data.context", "output")])
+        log_dataset_inputs(client, run_id, [output])
     for name in ARTIFACTS:
         if (out / name).is_file():
             client.log_artifact(run_id, str(out / name))

@@ -105,8 +105,12 @@ def log_inputs(client: Any, run_id: str, inputs: list[DataInput]) -> None:
         )
         for item in inputs
     ]
-    if not entries:
-        return
+    if entries:
+        log_dataset_inputs(client, run_id, entries)
+
+
+def log_dataset_inputs(client: Any, run_id: str, entries: list[Any]) -> None:
+    """`client.log_inputs`, safe when parallel jobs log the same dataset (see below)."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(3):
