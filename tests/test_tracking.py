@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 from mlflow import MlflowClient
+from scipy import stats
 
 from vlmlab.distributed import JOB_ENV, argv_for_rank
 from vlmlab.errors import ConfigError
@@ -232,8 +233,10 @@ def test_report_means_stds_failed_runs_and_parent_artifacts(tmp_path: Path) -> N
 
     summary = report("abl", ["connector"], ["eval/accuracy"], tmp_path / "out", uri, parent)
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "| linear | 3 | 0.6000 ± 0.1000 (n=3) |" in text
-    assert "| mlp | 3 | 0.9000 ± 0.1000 (n=3) |" in text  # the failed run is not averaged in
+    # the 95 % interval is scipy's one-sample t interval of the mean
+    for connector, mean in (("linear", "0.6000"), ("mlp", "0.9000")):  # the failed run: not in
+        lo, hi = stats.ttest_1samp(values[connector], 0.0).confidence_interval(0.95)
+        assert f"| {connector} | 3 | {mean} ± 0.1000 [{lo:.4f}, {hi:.4f}] (n=3) |" in text
     assert "RuntimeError: boom" in text and "FAILED" in text
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["logged_to"] == parent
@@ -241,3 +244,64 @@ def test_report_means_stds_failed_runs_and_parent_artifacts(tmp_path: Path) -> N
     assert {"report/report.md", "report/report.png"} <= logged
     with pytest.raises(ConfigError, match="no MLflow experiment"):
         report("nope", ["connector"], ["eval/accuracy"], tmp_path / "x", uri)
+
+
+def test_report_pairs_arms_by_seed_with_scipys_paired_interval(tmp_path: Path) -> None:
+    """A 2x2 ablation over seeds: every two arms that differ in one key are compared seed by
+    seed on the seeds both ran; the interval is scipy's paired t interval, and the verdict
+    says whether it excludes 0."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("abl2", artifact_location=(tmp_path / "art").as_uri())
+    acc = {  # (connector, size) -> per seed; mlp is ahead by 0.05-0.07 on every seed at 48 px
+        ("linear", "48"): {1: 0.50, 2: 0.62, 3: 0.55, 4: 0.70, 5: 0.58},
+        ("mlp", "48"): {1: 0.56, 2: 0.68, 3: 0.61, 4: 0.75, 5: 0.65},
+        ("linear", "64"): {1: 0.52, 2: 0.60, 3: 0.61, 4: 0.66, 5: 0.61},
+        ("mlp", "64"): {1: 0.60, 2: 0.55, 3: 0.70, 4: 0.61, 5: 0.64},  # seed 6 only here, below
+    }
+    for (connector, size), per_seed in acc.items():
+        for seed, value in per_seed.items():
+            run = client.create_run(exp, tags={"connector": connector}).info.run_id
+            client.log_param(run, "encoder.config.image_size", size)
+            client.log_param(run, "seed", seed)
+            client.log_metric(run, "eval/accuracy", value)
+            client.set_terminated(run, "FINISHED")
+    lone = client.create_run(exp, tags={"connector": "mlp"}).info.run_id  # seed 6: no partner
+    client.log_param(lone, "encoder.config.image_size", "64")
+    client.log_param(lone, "seed", 6)
+    client.log_metric(lone, "eval/accuracy", 0.99)
+    client.set_terminated(lone, "FINISHED")
+
+    group_by = ["connector", "encoder.config.image_size"]
+    summary = report("abl2", group_by, ["eval/accuracy"], tmp_path / "out", uri)
+    text = (tmp_path / "out" / "report.md").read_text()
+    found = {
+        (p["key"], p["from"][group_by[1 - group_by.index(p["key"])]]): p for p in summary["paired"]
+    }
+    assert len(summary["paired"]) == 4  # connector at 48 and 64, size at linear and mlp
+    for base, other, key, at in [
+        (("linear", "48"), ("mlp", "48"), "connector", "48"),
+        (("linear", "64"), ("mlp", "64"), "connector", "64"),
+        (("linear", "48"), ("linear", "64"), "encoder.config.image_size", "linear"),
+        (("mlp", "48"), ("mlp", "64"), "encoder.config.image_size", "mlp"),
+    ]:
+        pair = found[(key, at)]
+        seeds = [1, 2, 3, 4, 5]  # seed 6 has no partner in any comparison
+        assert pair["seeds"] == [str(s) for s in seeds]
+        a, b = [acc[base][s] for s in seeds], [acc[other][s] for s in seeds]
+        assert pair["diffs"] == pytest.approx([y - x for x, y in zip(a, b)])
+        lo, hi = stats.ttest_rel(b, a).confidence_interval(0.95)
+        assert pair["ci95"] == pytest.approx([lo, hi])
+        assert pair["verdict"] == ("real" if lo > 0 or hi < 0 else "not resolved")
+    assert found[("connector", "48")]["verdict"] == "real"
+    assert found[("connector", "64")]["verdict"] == "not resolved"
+    assert "## Paired comparisons (same seed)" in text and "## Per seed" in text
+    assert "| connector: linear -> mlp / encoder.config.image_size=48 | eval/accuracy | 5 |" in text
+    assert "| mlp | 64 | 6 | 0.9900 |" in text  # the per-seed table lists every finished run
+    mlp64 = next(
+        r for r in summary["rows"] if r["config"] == {"connector": "mlp", group_by[1]: "64"}
+    )
+    values = [*acc[("mlp", "64")].values(), 0.99]
+    assert mlp64["ci95"]["eval/accuracy"] == pytest.approx(
+        list(stats.ttest_1samp(values, 0.0).confidence_interval(0.95))
+    )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Toy LLaVA-1.5 component ablation on CPU (see README.md): linear vs MLP connector x two image
-# resolutions x 2 seeds on tiny random-init models and the synthetic shapes data, then
-# `vlmlab report` writes results/report.md + report.png next to this script.
+# resolutions x 5 seeds on tiny random-init models and the synthetic scenes, both stages from
+# the frozen encoder's feature cache; then `vlmlab report` writes results/report.md (mean, 95 %
+# interval, paired comparisons by seed, per-seed numbers) + report.png + report.json.
 #
 #   experiments/llava15_ablations/run_toy.sh            # from anywhere; PYTHON=... to pick one
 #
@@ -23,16 +24,22 @@ $PY train.py experiment=toy_ablation stage=lm trainer.enable_progress_bar=false
 
 # 2. per arm and seed: stage 1 (connector alignment), then stage 2 (connector + LLM, then
 #    held-out QA) from that arm's own stage-1 checkpoint; one MLflow parent run per sweep
-ARMS=(connector=linear,mlp encoder.config.image_size=48,64 seed=1,2)
-$PY train.py -m experiment=toy_ablation stage=1 "${ARMS[@]}" \
-  trainer.enable_progress_bar=false "hydra.sweep.dir=$SWEEP_DIR-stage1"
-$PY train.py -m experiment=toy_ablation stage=2 "${ARMS[@]}" \
-  trainer.enable_progress_bar=false "hydra.sweep.dir=$SWEEP_DIR"
+#    (joblib: JOBS jobs at a time, default 2 = one per core of a 2-core machine)
+ARMS=(connector=linear,mlp encoder.config.image_size=64,96 "seed=${SEEDS:-1,2,3,4,5}")
+LAUNCH=(hydra/launcher=joblib "hydra.launcher.n_jobs=${JOBS:-2}" trainer.enable_progress_bar=false)
+$PY train.py -m experiment=toy_ablation stage=1 "${ARMS[@]}" "${LAUNCH[@]}" \
+  "hydra.sweep.dir=$SWEEP_DIR-stage1"
+$PY train.py -m experiment=toy_ablation stage=2 "${ARMS[@]}" "${LAUNCH[@]}" \
+  "hydra.sweep.dir=$SWEEP_DIR"
 
-# 3. the report of that sweep (also logged as artifacts of the parent run)
+# 3. the report of that sweep (also logged as artifacts of the parent run): every scenes
+#    benchmark, paired by seed
+METRICS=eval/scenes_colour/accuracy,eval/scenes_shape/accuracy,eval/scenes_count/accuracy
+METRICS+=,eval/scenes_position/accuracy,eval/scenes_relation/accuracy,eval/scenes_mc/accuracy
+METRICS+=,eval/scenes_pope_adversarial/f1,eval/accuracy
 parent=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['run_id'])" "$SWEEP_DIR/mlflow_parent.json")
 $PY -m vlmlab report --experiment llava15_toy --parent "$parent" \
   --group-by connector,encoder.config.image_size \
-  --metrics eval/accuracy,train/loss \
+  --metrics "$METRICS" \
   --out "$HERE/results" --tracking-uri "sqlite:///$(cd "$VLMLAB_ROOT" && pwd)/mlflow.db"
 echo "toy ablation: wall time $(( $(date +%s) - start ))s; mlflow ui --backend-store-uri sqlite:///$VLMLAB_ROOT/mlflow.db"

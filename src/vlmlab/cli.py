@@ -59,7 +59,7 @@ VERBS: dict[str, Verb] = {
         "vlmlab.cli:export",
     ),
     "report": Verb(
-        "table (mean ± std over seeds) and plot of an MLflow experiment: vlmlab report --experiment NAME",
+        "mean ± std, 95 % intervals and paired seed comparisons of an MLflow experiment: vlmlab report --experiment NAME",
         "vlmlab.tracking.report:main",
     ),
     "tracking": Verb(
