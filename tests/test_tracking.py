@@ -36,6 +36,19 @@ class RaiseAtStep(L.Callback):
             raise RuntimeError(f"shard went away at step {trainer.global_step}")
 
 
+class RecordTargetTokens(L.Callback):
+    """Target tokens of each optimizer step, summed over its micro-batches, from the batches
+    themselves (one process): what `train/target_tokens` must say at that step."""
+
+    seen: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        RecordTargetTokens.seen[step] = RecordTargetTokens.seen.get(step, 0) + int(
+            batch.get("num_target_tokens", 0)
+        )
+
+
 def _client(root: Path) -> MlflowClient:
     return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
 
@@ -90,6 +103,50 @@ def test_run_records_identity_metrics_and_artifacts(compose_cfg, tmp_path: Path)
     page = Path(client.download_artifacts(run.info.run_id, "samples/samples.md", str(tmp_path)))
     text = page.read_text()
     assert text.count("![") == 4 and "What" in text  # each image next to its question
+
+
+PER_STEP_METRICS = (
+    "train/loss",
+    "train/target_tokens",
+    "train/grad_norm",
+    "data/padding_fraction",
+    "data/samples_per_row",
+    "train/skipped_nonfinite",
+    "train/skipped_empty",
+)
+
+
+@pytest.mark.parametrize("every", [2, 1000])
+def test_per_step_metrics_are_written_on_lightnings_logging_steps_and_the_last(
+    compose_cfg, tmp_path: Path, every: int
+) -> None:
+    """The module logs its per-step metrics only on the steps Lightning writes and on the last
+    one (a `self.log` per metric per step cost about 1 % of a step): every metric must still
+    reach MLflow at each written step, and the stage's summary must hold all of them, also when
+    the run is shorter than `log_every_n_steps`."""
+    RecordTargetTokens.seen = {}
+    cfg = compose_cfg(
+        "stage=2",  # instructions: target tokens differ from step to step
+        "stage.init_from=null",
+        "connector=linear",
+        f"trainer.log_every_n_steps={every}",
+        "trainer.extra_callbacks=[{_target_:tests.test_tracking.RecordTargetTokens}]",
+    )
+    result = train(cfg)
+    client, run = _only_run(tmp_path)
+    history = {key: client.get_metric_history(run.info.run_id, key) for key in PER_STEP_METRICS}
+    assert set(PER_STEP_METRICS) <= set(result["metrics"])
+    last = max(RecordTargetTokens.seen)
+    # the summary ends with the last step's values, not those of the last written step
+    assert result["metrics"]["train/target_tokens"] == RecordTargetTokens.seen[last]
+    if every == 2:
+        written = [m.step for m in history["train/loss"]]
+        assert len(written) >= 2 and all(s % 2 == 1 for s in written), written
+        for key, metrics in history.items():
+            assert [m.step for m in metrics] == written, key
+        # fresh values at each written step (Lightning would write a stale one otherwise)
+        tokens = {m.step: m.value for m in history["train/target_tokens"]}
+        assert tokens == {s: RecordTargetTokens.seen[s] for s in written}
 
 
 def test_failure_mid_training_ends_failed_with_error_and_metrics(

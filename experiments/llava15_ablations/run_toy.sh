@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Toy LLaVA-1.5 component ablation on CPU (see README.md): linear vs MLP connector x two image
-# resolutions x 5 seeds on tiny random-init models and the synthetic scenes, both stages from
-# the frozen encoder's feature cache; then `vlmlab report` writes results/report.md (mean, 95 %
-# interval, paired comparisons by seed, per-seed numbers) + report.png + report.json.
+# resolutions x 5 seeds on tiny random-init models and the synthetic scenes, stage 1 from the
+# frozen encoder's feature cache (stage 2 reads pixels: its evaluation generates from images);
+# then `vlmlab report` writes results/report.md (mean, 95 % interval, paired comparisons by
+# seed, per-seed numbers) + report.png + report.json. About 83 min on 2 cores (README.md).
 #
 #   experiments/llava15_ablations/run_toy.sh            # from anywhere; PYTHON=... to pick one
 #

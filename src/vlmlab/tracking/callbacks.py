@@ -68,9 +68,14 @@ class GradNorm(L.Callback):
         self._step_seen = trainer.global_step
         if not _is_deepspeed(trainer):
             norm = getattr(pl_module, "grad_norm", None)
-            if getattr(pl_module, "owns_grad_norm", False) and isinstance(norm, torch.Tensor):
-                # VLMModule's guard computed it (one pass over the gradients, not three); a
-                # device tensor, read on the host only when Lightning writes the metric
+            # VLMModule's guard computed it (one pass over the gradients, not three); a device
+            # tensor, read on the host only when Lightning writes the metric; logged on the steps
+            # whose per-step metrics the module logs (writes_step_metrics)
+            if (
+                getattr(pl_module, "owns_grad_norm", False)
+                and isinstance(norm, torch.Tensor)
+                and getattr(pl_module, "writes_step_metrics", True)
+            ):
                 pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             return
         norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()  # type: ignore[attr-defined]
@@ -159,6 +164,7 @@ class LogEvalResults(L.Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics(results.metrics, step=results.step)
+            logger.save()  # written now (a coalescing logger holds a step's metrics until saved)
         if Path(results.out_dir).is_dir():
             for client, run_id in mlflow_runs(trainer):
                 client.log_artifacts(run_id, str(results.out_dir), "eval")

@@ -281,6 +281,9 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+PLOT_COLUMNS = 4
+
+
 def plot(rows: list[Row], metrics: list[str], group_by: list[str], out: Path) -> bool:
     """Bar chart, one panel per metric, error bars = the 95 % interval of the mean. False if
     nothing to plot."""
@@ -293,10 +296,17 @@ def plot(rows: list[Row], metrics: list[str], group_by: list[str], out: Path) ->
 
     short = [k.split(".")[-1] for k in group_by]  # encoder.config.image_size -> image_size
     labels = ["\n".join(f"{k}={v}" for k, v in zip(short, row.key)) for row in rows]
+    ncols = min(len(metrics), PLOT_COLUMNS)  # wrap: 8 metrics in one row are unreadable
+    nrows = -(-len(metrics) // ncols)
     fig, axes = plt.subplots(
-        1, len(metrics), figsize=(max(4.0, 1.3 * len(rows)) * len(metrics), 4.2), squeeze=False
+        nrows,
+        ncols,
+        figsize=(max(4.0, 1.3 * len(rows)) * ncols, 4.2 * nrows),
+        squeeze=False,
     )
-    for ax, metric in zip(axes[0], metrics):
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         stats = [row.stats(metric) for row in rows]
         means = [s[0] if s else math.nan for s in stats]
         cis = [interval(row.values.get(metric, [])) for row in rows]

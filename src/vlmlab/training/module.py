@@ -111,6 +111,7 @@ class VLMModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(check_fail_after(fail_after_nonfinite_steps))
         # global token-mean loss of the last step: a device tensor (read it with float())
         self.last_step_loss: torch.Tensor | None = None
+        self.writes_step_metrics = True  # see _writes_step_metrics; read by GradNorm too
         self.optim = optim
         self.total_steps = max(1, total_steps)
         self.groups = groups
@@ -218,6 +219,8 @@ class VLMModule(L.LightningModule):
             log.warning("step %d skipped: no rank had a valid sample (see data/skipped/*)", step)
         else:
             self.nonfinite.record(step, False, [])
+        if not (self.writes_step_metrics or bad or all_bad):
+            return
         for name, count in (("nonfinite", self.nonfinite.total), ("empty", self.empty_steps)):
             self.log(
                 f"train/skipped_{name}",
@@ -296,11 +299,13 @@ class VLMModule(L.LightningModule):
         tokens, pad, slots, samples, rows, total = stats.unbind()
         self._step_total = total  # NaN / inf on every rank when any rank's loss was
         self._step_empty = tokens == 0
-        self.log("train/target_tokens", tokens, on_step=True, on_epoch=False, batch_size=1)
-        padding = pad / slots.clamp_min(1)
-        self.log("data/padding_fraction", padding, on_step=True, on_epoch=False, batch_size=1)
-        per_row = samples / rows.clamp_min(1)  # 1 without packing
-        self.log("data/samples_per_row", per_row, on_step=True, on_epoch=False, batch_size=1)
+        self.writes_step_metrics = self._writes_step_metrics()
+        if self.writes_step_metrics:
+            self.log("train/target_tokens", tokens, on_step=True, on_epoch=False, batch_size=1)
+            padding = pad / slots.clamp_min(1)
+            self.log("data/padding_fraction", padding, on_step=True, on_epoch=False, batch_size=1)
+            per_row = samples / rows.clamp_min(1)  # 1 without packing
+            self.log("data/samples_per_row", per_row, on_step=True, on_epoch=False, batch_size=1)
         if self.global_token_loss:
             scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
             _scale_gradients(self.parameters(), (scale / tokens.clamp_min(1)).float())
@@ -316,6 +321,22 @@ class VLMModule(L.LightningModule):
         every = int(getattr(self.trainer, "log_every_n_steps", 0) or 0)
         stepped = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         return every > 0 and (stepped + 1) % every == 0
+
+    def _writes_step_metrics(self) -> bool:
+        """Whether this step's per-step metrics are worth a `self.log`: on the steps Lightning
+        writes to the logger, and on an epoch's or the run's last step (what
+        `trainer.callback_metrics`, the stage's summary, ends with).
+
+        Why: each `self.log` costs Lightning's result bookkeeping (a recursive `.to(device)` of the
+        metric's state, about 0.3 ms on CPU); six of them on every step were about 1 % of a
+        0.25 s step (benchmarks/step_overhead.py), for values Lightning then drops on the steps
+        it does not write (`trainer.log_every_n_steps`). `train/loss` stays on every step (the
+        progress bar shows it)."""
+        trainer = self.trainer
+        if self._is_logging_step() or trainer.should_stop or trainer.is_last_batch:
+            return True
+        max_steps = int(trainer.max_steps or -1)
+        return max_steps > 0 and trainer.global_step + 1 >= max_steps
 
     def _log_skipped(self) -> None:
         """`data/skipped/<reason>` summed over ranks, since the run began.

@@ -175,5 +175,8 @@ class Throughput(L.Callback):
             metrics["perf/mfu"] = mfu(flops, seconds, devices, self.peak_flops)
         self.last = metrics
         if trainer.is_global_zero:
+            # the step index Lightning writes this step's own metrics under (the optimizer step
+            # just taken, 0-based), so a step's metrics share one row and one write
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
