@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_scale import run_train
+from tests.test_scale import run_train, run_until_killed
 from vlmlab.data.datamodule import ShardStream
 from vlmlab.data.mixture import Mixture, Source
 from vlmlab.data.shapes import ShapesSpec, generate
@@ -121,9 +121,7 @@ RUN = (
 
 
 def _records(root: Path) -> list[dict[str, Any]]:
-    from vlmlab.training.audit import read_records
-
-    return read_records(root / "samples.jsonl")
+    return _records_of(root / "samples.jsonl")
 
 
 @pytest.mark.slow
@@ -159,3 +157,57 @@ def test_train_resumes_at_another_world_size(
     for r in _records(tmp_path):
         per_step[r["step"]] += len(r["ids"])
     assert per_step == dict.fromkeys(range(48 // batch), batch), per_step
+
+
+@pytest.mark.slow
+def test_sigkill_at_two_ranks_resumes_at_one(tmp_path: Path, data_root: Path) -> None:
+    """Acceptance 17.1 with a real kill: 2 DDP ranks x 1 worker (global batch 8: 6 steps per
+    epoch, a checkpoint every step) are SIGKILLed mid-epoch; `resume=auto` at 1 rank x 2 workers
+    (accumulation 2) trains the rest. The steps kept by the checkpoint plus the resumed ones are
+    the epoch's 48 samples exactly once, each step one global batch of 8."""
+    run = (*RUN, "stage.global_batch_size=8")
+    killed_log = tmp_path / "killed.jsonl"
+
+    def mid_epoch() -> bool:
+        steps = [r["step"] for r in _records_of(killed_log, rank=0)]
+        return bool(list(tmp_path.glob("resume/*/last.ckpt")) and steps and max(steps) >= 2)
+
+    run_until_killed(
+        tmp_path,
+        data_root,
+        *run,
+        "trainer.devices=2",
+        "data.num_workers=1",
+        f"debug.record_samples={killed_log}",
+        ready=mid_epoch,
+        timeout=300,
+    )
+    (last,) = tmp_path.glob("resume/*/last.ckpt")
+    resumed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 1 <= resumed_at < 6, resumed_at  # inside the epoch
+    resumed_log = tmp_path / "resumed.jsonl"
+    run_train(
+        tmp_path,
+        data_root,
+        *run,
+        "trainer.devices=1",
+        "data.num_workers=2",
+        "resume=auto",
+        f"debug.record_samples={resumed_log}",
+        timeout=300,
+    )
+    kept = [r for r in _records_of(killed_log) if r["step"] < resumed_at]
+    resumed = _records_of(resumed_log)
+    assert min(r["step"] for r in resumed) == resumed_at
+    trained = Counter(i for r in kept + resumed for i in r["ids"])
+    assert len(trained) == 48 and set(trained.values()) == {1}, trained
+    per_step: Counter[int] = Counter()
+    for r in kept + resumed:
+        per_step[r["step"]] += len(r["ids"])
+    assert per_step == dict.fromkeys(range(6), 8), per_step
+
+
+def _records_of(path: Path, rank: int | None = None) -> list[dict[str, Any]]:
+    from vlmlab.training.audit import read_records
+
+    return read_records(path, rank=rank)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from tests.conftest import REPO
-from tests.test_scale import final_weights, run_train, train_command
+from tests.test_scale import final_weights, run_train, run_until_killed
 from vlmlab import checkpoints
 from vlmlab.train import resolve_resume
 
@@ -119,23 +119,14 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(
 
     root = tmp_path / "killed"
     killed_log = root / "killed.jsonl"
-    command, env = train_command(root, data_root, *common, f"debug.record_samples={killed_log}")
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+
+    def mid_epoch() -> bool:
+        steps = [r["step"] for r in read_records(killed_log, rank=0)]
+        return bool(list(root.glob("resume/*/last.ckpt")) and steps and max(steps) >= 6)
+
+    run_until_killed(
+        root, data_root, *common, f"debug.record_samples={killed_log}", ready=mid_epoch
     )
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            steps = [r["step"] for r in read_records(killed_log, rank=0)]
-            if list(root.glob("resume/*/last.ckpt")) and steps and max(steps) >= 6:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     (last,) = root.glob("resume/*/last.ckpt")
     resumed_at = _load(last)["global_step"]
     killed = read_records(killed_log)

@@ -10,11 +10,7 @@ mask instead of the restarting positions) fails the same check: the negative con
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
-from tests.conftest import REPO
-from tests.test_scale import final_weights, run_train, train_command
+from tests.test_scale import final_weights, run_train, run_until_killed
 from vlmlab.data.datamodule import VLMDataModule, collate
 from vlmlab.data.packing import collate_packed, deal_rows, first_fit_decreasing, pack_batches
 from vlmlab.data.tokenize import TextEncoder
@@ -325,28 +320,14 @@ def test_ddp_packing_two_epochs_sigkill_resume_equals_uninterrupted(tmp_path: Pa
 
     root = tmp_path / "killed"
     killed_log = root / "killed.jsonl"
-    command, env = train_command(root, data_root, *common, f"debug.record_samples={killed_log}")
-    proc = subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill reaches both ranks, not us
+
+    def mid_epoch() -> bool:
+        steps = [r["step"] for r in read_records(killed_log, rank=0)]
+        return bool(list(root.glob("resume/*/last.ckpt")) and steps and max(steps) >= 3)
+
+    run_until_killed(
+        root, data_root, *common, f"debug.record_samples={killed_log}", ready=mid_epoch
     )
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            steps = [r["step"] for r in read_records(killed_log, rank=0)]
-            if list(root.glob("resume/*/last.ckpt")) and steps and max(steps) >= 3:
-                os.killpg(proc.pid, signal.SIGKILL)  # both ranks
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     (last,) = root.glob("resume/*/last.ckpt")
     resumed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 2 <= resumed_at < 6  # inside epoch 0

@@ -4,8 +4,10 @@ same loss curve on 1 process, 2 DDP ranks and 2 FSDP ranks (slow)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -362,6 +364,34 @@ def run_train(root: Path, data_root: Path, *overrides: str, timeout: int = 600) 
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def run_until_killed(
+    root: Path, data_root: Path, *overrides: str, ready: Callable[[], bool], timeout: int = 600
+) -> None:
+    """Start train.py (every rank in its own process group) and SIGKILL the whole group as soon
+    as `ready()` holds; fails if the run ended on its own first."""
+    command, env = train_command(root, data_root, *overrides)
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches every rank, not us
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
 def step_losses(record: Path) -> dict[int, float]:
