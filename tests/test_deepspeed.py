@@ -371,3 +371,97 @@ def test_zero_offload_needs_deepspeeds_cpu_adam(compose_cfg: Any, tmp_path: Path
     assert result["cls"] == "DeepSpeedCPUAdam"
     assert "ZeRO-Offload with a client provided optimizer" in result["torch"]
     assert result["ours"] == "ok"
+
+
+FAILING_SAVE_SCRIPT = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    from pathlib import Path
+    import torch
+    out, rank, port = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    import lightning as L
+    from vlmlab.training.deepspeed import deepspeed_strategy, deepspeed_strategy_class
+
+    config = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "train_micro_batch_size_per_gpu": 2}
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(256, 256)
+        def training_step(self, batch, batch_idx):
+            return self.head(batch).pow(2).mean()
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    class OnCPU(deepspeed_strategy_class()):
+        def setup_environment(self):
+            from lightning.pytorch.strategies.ddp import DDPStrategy
+            DDPStrategy.setup_environment(self)
+
+    cpus = [torch.device("cpu", 0), torch.device("cpu", 1)]
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=1, logger=False,
+                        strategy=deepspeed_strategy(config, strategy_class=OnCPU,
+                                                    parallel_devices=cpus),
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(8, 256), batch_size=2))
+    target = out / "last.ckpt"
+    trainer.save_checkpoint(target)
+    if rank == 1:  # its ZeRO optimizer file fails with EFBIG from the kernel
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+    try:
+        trainer.save_checkpoint(target)
+        (out / f"rank{rank}.txt").write_text("saved")
+    except BaseException as err:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        (out / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        raise SystemExit(3) from None
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_save_failing_on_one_of_two_deepspeed_ranks_fails_every_rank(tmp_path: Path) -> None:
+    """2 real DeepSpeed ZeRO-2 ranks on CPU; rank 1 cannot write its file of the second save.
+    Before DeferredWrites both hung at DeepSpeed's barriers until killed; now every rank raises
+    CheckpointWriteError naming the folder, the staged folder is removed and the first
+    checkpoint stays complete and loadable."""
+    _require_deepspeed()
+    script = tmp_path / "failing_save.py"
+    script.write_text(FAILING_SAVE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), str(rank), "29583"],
+            env=env,
+            stdout=subprocess.PIPE,  # a pipe: rank 1's file size limit must not hit its log
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    for proc in ranks:
+        try:
+            outputs.append(proc.communicate(timeout=240)[0])  # a hang ends here
+        finally:
+            for other in ranks:
+                if other.poll() is None and proc.returncode is None:
+                    other.kill()
+    assert [proc.returncode for proc in ranks] == [3, 3], "\n".join(o[-3000:] for o in outputs)
+    target = tmp_path / "last.ckpt"
+    for rank in (0, 1):
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert said.startswith("CheckpointWriteError") and str(target) in said, said
+    assert not (tmp_path / "last.ckpt.tmp").exists()
+    assert checkpoints.is_loadable(target)  # the first save, whole
+    assert (target / "latest").read_text() == "checkpoint"
+    assert sorted(p.name for p in (target / "checkpoint").iterdir()) == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]

@@ -9,6 +9,7 @@ DDP ranks resumes at 1 (and 1 -> 2); the sample ids trained over the epoch are t
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_scale import run_train, run_until_killed
+from tests.test_scale import final_weights, run_train, run_until_killed
 from vlmlab.data.datamodule import ShardStream
 from vlmlab.data.mixture import Mixture, Source
 from vlmlab.data.shapes import ShapesSpec, generate
@@ -97,6 +98,107 @@ def test_rest_of_the_epoch_is_every_untrained_sample_once(
     assert set(union.values()) == {1}, [i for i, n in union.items() if n > 1]
 
 
+def _batches(
+    mixture: Mixture, layout: Layout, rank: int, replay: Layout | None, skip: int = 0
+) -> list[list[str]]:
+    """The ids of every batch rank `rank` of `layout` yields (replaying `replay`'s batches)."""
+    stream = ShardStream(
+        mixture,
+        _key,
+        batch_size=layout.batch_size,
+        seed=mixture.seed,
+        shuffle_buffer=layout.shuffle_buffer,
+        rank=rank,
+        world_size=layout.world_size,
+    )
+    stream.set_epoch(1)
+    stream.replay, stream.skip_batches = replay, skip
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=layout.num_workers, collate_fn=_ids
+    )
+    batches = list(loader)
+    assert len(batches) == stream.num_batches() - skip
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("origin", "now", "skip"),
+    [((2, 2, 8), (1, 1, 8), 0), ((1, 1, 8), (2, 2, 5), 3), ((2, 1, 8), (3, 2, 3), 2)],
+)
+def test_another_layout_replays_the_runs_own_batches(
+    shards: tuple[Path, list[str]],
+    origin: tuple[int, int, int],
+    now: tuple[int, int, int],
+    skip: int,
+) -> None:
+    """data.elastic=exact: M ranks deal the N-rank run's micro-batches round robin (rank 0's
+    batch 0, rank 1's batch 0, ...), so every optimizer step holds the same samples; resumed
+    after `skip` batches per rank, the rest of the deal; padded with empty batches at the end."""
+    mixture = Mixture([Source("data", shards[0])], seed=5)
+    run = Layout(origin[0], origin[1], batch_size=4, shuffle_buffer=origin[2], group_megabatch=1)
+    later = Layout(now[0], now[1], batch_size=4, shuffle_buffer=now[2], group_megabatch=1)
+    own = [_batches(mixture, run, rank, None) for rank in range(run.world_size)]
+    sequence = [own[r][k] for k in range(len(own[0])) for r in range(run.world_size)]
+    assert sorted(i for batch in sequence for i in batch) == sorted(shards[1])
+    replayed = [_batches(mixture, later, rank, run) for rank in range(later.world_size)]
+    dealt = [replayed[j % later.world_size][j // later.world_size] for j in range(len(sequence))]
+    assert dealt == sequence  # same samples, same order within each micro-batch
+    padded = sum(len(r) for r in replayed) - len(sequence)
+    assert padded < later.world_size and all(not r[-1] for r in replayed[-padded:] if padded)
+    resumed = [_batches(mixture, later, rank, run, skip) for rank in range(later.world_size)]
+    assert resumed == [r[skip:] for r in replayed]
+
+
+def test_exact_resume_counts_in_the_new_layout_and_refuses_what_it_cannot_replay(
+    shards: tuple[Path, list[str]],
+) -> None:
+    """The saved position (batches per rank at the saved layout) becomes batches per rank at
+    the new one; the run's own layout travels in every later checkpoint; what cannot be
+    replayed exactly is a ConfigError naming the key, before any batch."""
+    from types import SimpleNamespace
+
+    from vlmlab.data.datamodule import VLMDataModule
+    from vlmlab.errors import ConfigError
+
+    def module(world: int, workers: int, **options: Any) -> VLMDataModule:
+        options = {"batch_size": 4, "shuffle_buffer": 8, **options}
+        dm = VLMDataModule(shards[0], None, None, num_workers=workers, **options)  # type: ignore[arg-type]
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=0)  # type: ignore[assignment]
+        return dm
+
+    def resumed(state: dict[str, Any], world: int, workers: int, **options: Any) -> VLMDataModule:
+        dm = module(world, workers, **options)
+        dm.load_state_dict(state)
+        dm.resolve_resume()
+        return dm
+
+    run = module(2, 1)
+    run.batches_done = 3  # 6 micro-batches of the epoch's 16 (2 ranks x 8)
+    state = run.state_dict()
+    later = resumed(state, 1, 2)
+    assert later.elastic and later._origin == run.layout()
+    assert later.batches_done == 6 and later.resumed_batch_count(2) == 6
+    assert later.batches_per_epoch(1) == 16 and later.state_dict()["origin"] == state["origin"]
+    later.batches_done = 10
+    back = resumed(later.state_dict(), 2, 1)  # the run's own layout again: no replay
+    assert back._origin is None and back.batches_done == 5
+    with pytest.raises(ConfigError) as err:
+        resumed(later.state_dict(), 3, 1)  # 10 micro-batches do not split over 3 ranks
+    assert err.value.key == "trainer.devices"
+    with pytest.raises(ConfigError) as err:
+        resumed(state, 1, 2, batch_size=2)
+    assert err.value.key == "data.batch_size"
+    grouped = module(2, 1, group_by_length=True, group_megabatch=2)
+    grouped.batches_done = 4
+    with pytest.raises(ConfigError) as err:
+        resumed(grouped.state_dict(), 1, 2, group_by_length=True, group_megabatch=2)
+    assert err.value.key == "data.elastic" and "data.elastic=replan" in str(err.value)
+    replanned = resumed(
+        grouped.state_dict(), 1, 2, group_by_length=True, group_megabatch=2, elastic="replan"
+    )
+    assert replanned.elastic and len(replanned._remaining or []) == 60 - 2 * 4 * 4
+
+
 def test_half_a_length_grouped_megabatch_is_unknowable() -> None:
     layout = Layout(2, 1, batch_size=4, shuffle_buffer=8, group_megabatch=4)
     stream = list(range(64))
@@ -141,22 +243,39 @@ def test_train_resumes_at_another_world_size(
     tmp_path: Path, data_root: Path, batch: int, first: tuple[str, ...], then: tuple[str, ...]
 ) -> None:
     """The epoch's 48 samples are trained once, and every optimizer step (before and after the
-    resume) holds one global batch: accumulation and Lightning's batch count follow the world."""
-    run = (
-        *RUN,
-        f"stage.global_batch_size={batch}",
-        f"debug.record_samples={tmp_path}/samples.jsonl",
-    )
-    run_train(tmp_path, data_root, *run, *first, timeout=300)
+    resume) holds one global batch: accumulation and Lightning's batch count follow the world.
+    data.elastic=exact: each step holds the samples of the uninterrupted run's step, and the
+    final weights equal its weights up to fp32 reduction order (all-reduce over 2 ranks vs 2
+    accumulated micro-batches)."""
+    root, straight = tmp_path / "run", tmp_path / "straight"
+    run = (*RUN, f"stage.global_batch_size={batch}")
+    run_train(root, data_root, *run, *first, *_record(root), timeout=300)
     stopped = int(first[-1].split("=")[1])
-    assert len([i for r in _records(tmp_path) for i in r["ids"]]) == stopped * batch
-    run_train(tmp_path, data_root, *run, *then, "resume=auto", timeout=300)
-    trained = Counter(i for r in _records(tmp_path) for i in r["ids"])
+    assert len([i for r in _records(root) for i in r["ids"]]) == stopped * batch
+    for old in root.glob("checkpoints/*"):  # only the resumed run's final weights remain
+        shutil.rmtree(old)
+    run_train(root, data_root, *run, *then, *_record(root), "resume=auto", timeout=300)
+    trained = Counter(i for r in _records(root) for i in r["ids"])
     assert len(trained) == 48 and set(trained.values()) == {1}, trained
-    per_step: Counter[int] = Counter()
-    for r in _records(tmp_path):
-        per_step[r["step"]] += len(r["ids"])
-    assert per_step == dict.fromkeys(range(48 // batch), batch), per_step
+    per_step: dict[int, list[str]] = {}
+    for r in _records(root):
+        per_step.setdefault(r["step"], []).extend(r["ids"])
+    assert {k: len(v) for k, v in per_step.items()} == dict.fromkeys(range(48 // batch), batch)
+    run_train(straight, data_root, *run, *first[:-1], *_record(straight), timeout=300)
+    uninterrupted: dict[int, list[str]] = {}
+    for r in _records(straight):
+        uninterrupted.setdefault(r["step"], []).extend(r["ids"])
+    assert {k: sorted(v) for k, v in per_step.items()} == {
+        k: sorted(v) for k, v in uninterrupted.items()
+    }
+    expected, resumed = final_weights(straight), final_weights(root)
+    assert expected.keys() == resumed.keys() and expected
+    for key, tensor in expected.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _record(root: Path) -> tuple[str]:
+    return (f"debug.record_samples={root}/samples.jsonl",)
 
 
 @pytest.mark.slow

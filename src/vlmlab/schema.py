@@ -232,6 +232,10 @@ class DataConfig:
     # it) | skip (its samples counted as data/skipped/missing_shard)
     missing_shards: str = "error"
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    # a resume at another world size / worker count: exact (replay the run's own batches: the
+    # weights of an uninterrupted run; ungrouped batches, same batch_size) | replan (every
+    # untrained sample once, in another order; grouped and packed batches too)
+    elastic: str = "exact"
 
 
 @dataclass

@@ -26,6 +26,7 @@ from vlmlab.data.features import FeatureCache
 from vlmlab.data.mixture import Source
 from vlmlab.data.prepare import ResolvedDataset, resolve_dataset
 from vlmlab.data.remote import as_location
+from vlmlab.data.split import Layout
 from vlmlab.data.tokenize import TextEncoder
 from vlmlab.errors import ConfigError
 from vlmlab.eval.callback import BenchmarkEval, SampleAnswers, build_eval_callback
@@ -73,6 +74,7 @@ _NOT_IDENTITY = (
     "trainer.devices",  # elastic resume: the same run on another world size or worker count
     "trainer.num_nodes",  # (the data stream and the global batch do not depend on them)
     "data.num_workers",
+    "data.elastic",  # how such a resume orders the rest of the data (exact: as if never stopped)
     "logger.http_timeout",  # how tracking reaches a server, not what the run computes
     "logger.http_retries",
     "logger.retry_interval",
@@ -530,10 +532,13 @@ def stage_data(
         seed=int(cfg.seed),
     )
     datamodule = emulate_ranks(datamodule, strategies.emulated_ranks(ctx.trainer, cfg.resume))
-    batches = int(cfg.stage.epochs) * datamodule.batches_per_epoch(
-        strategies.world_size(ctx.trainer)
-    )
-    steps = max(1, batches // accumulation(cfg, ctx.trainer))
+    world = strategies.world_size(ctx.trainer)
+    if ctx.resume_from is not None and ctx.state.layout:  # the checkpoint confirms it on load
+        datamodule.expect_origin(Layout(**ctx.state.layout), world)
+    # micro-batches of all ranks per epoch / per step: the run's own count after an elastic
+    # resume (the same schedule as if it had never stopped)
+    batches = int(cfg.stage.epochs) * datamodule.micro_batches_per_epoch(world)
+    steps = max(1, batches // (accumulation(cfg, ctx.trainer) * world))
     return StageData(text_encoder, dataset, datamodule, steps)
 
 
@@ -588,7 +593,12 @@ def record_start(
     """Rank zero, before fit: the run state a resume continues, and a fresh run's record."""
     run_id = getattr(logger, "run_id", None)
     init = str(start.init) if start.init else None
-    RunState(init, start.hf_base, run_id, final=ctx.state.final).write(ctx.resume_dir)
+    layout = ctx.state.layout  # the run's own, from its first start
+    if layout is None and ctx.resume_from is None:
+        layout = data.datamodule.layout_at(strategies.world_size(ctx.trainer)).as_dict()
+    RunState(init, start.hf_base, run_id, final=ctx.state.final, layout=layout).write(
+        ctx.resume_dir
+    )
     if logger is not None and ctx.resume_from is None:
         inputs = stage_inputs(data.dataset, str(cfg.stage.dataset))
         log_run_start(logger, dataclasses.replace(run_start(cfg, ctx, plan, start), inputs=inputs))

@@ -52,6 +52,7 @@ def build_datamodule(
             backoff=data.fetch.backoff,
             missing=data.missing_shards,
         ),
+        elastic=data.elastic,
     )
     datamodule.prepare_data()  # before the schedule is sized from the manifest
     return datamodule

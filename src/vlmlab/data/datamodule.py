@@ -38,8 +38,10 @@ from vlmlab.data.split import (
     batches_per_rank,
     buffer_shuffle,
     consumed,
+    layout_sequence,
     pieces_of,
     plan_worker,
+    replay_batches,
 )
 from vlmlab.data.tokenize import UNUSABLE_IMAGE, BadSample, TextEncoder
 from vlmlab.data.validate import IMAGE_EXTENSIONS, decode_image
@@ -103,12 +105,21 @@ class ShardStream(IterableDataset):
         self.skip_batches = 0  # batches of this epoch already trained (resume mid-epoch)
         # after an elastic resume: the epoch stream's entries not trained yet (in stream order)
         self.remaining: list[int] | None = None
+        # data.elastic=exact at a layout other than the run's own: the layout whose batches
+        # this rank replays (`split.layout_sequence`), so the weights equal the run's own
+        self.replay: Layout | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def num_batches(self) -> int:
         """Batches every rank yields this epoch (the same on all ranks)."""
+        if self.replay is not None:
+            total = self.mixture.num_samples()
+            items = self.replay.world_size * batches_per_rank(
+                total, self.replay.world_size, self.replay.batch_size
+            )
+            return -(-items // self.world_size)
         total = self.mixture.num_samples() if self.remaining is None else len(self.remaining)
         return batches_per_rank(total, self.world_size, self.batch_size)
 
@@ -129,6 +140,13 @@ class ShardStream(IterableDataset):
         error naming it, or (`data.missing_shards=skip`) its unread samples are counted
         (`missing_shard`) and the epoch goes on with smaller batches.
         """
+        for _, raw in self._located(pieces, short):
+            yield raw
+
+    def _located(
+        self, pieces: list[Piece], short: Counter[str]
+    ) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
+        """`raw_samples` with each sample's (url, position)."""
         for piece in pieces:
             wanted = Counter(piece.positions)
             first, last = piece.positions[0], piece.positions[-1]
@@ -142,7 +160,7 @@ class ShardStream(IterableDataset):
                 for position, raw in enumerate(_tar_samples(reader, piece.url), base):
                     for _ in range(wanted.get(position, 0)):
                         found += 1
-                        yield raw
+                        yield (piece.url, position), raw
                     if position >= last:
                         break
             except Exception:
@@ -180,6 +198,9 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         actual, num_workers = _worker()
+        if self.replay is not None:
+            yield from self._replayed(actual, num_workers)
+            return
         # The DataLoader takes batches from workers 0, 1, ... in turn. Resuming after k batches,
         # batch k must come first, so worker w plays the part worker (w + k) % W had in the
         # uninterrupted epoch (same plan, same random streams).
@@ -222,6 +243,57 @@ class ShardStream(IterableDataset):
                 report = dict(skipped) if j == 0 else {}
                 marker = {"skipped": report, "empty": True, "fetched": self._fetched(sent)}
                 yield [*batch, {**marker, **layouts[j]}]
+
+    def _replayed(self, worker: int, num_workers: int) -> Iterator[list[dict[str, Any]]]:
+        """This rank's batches when it replays the run's own layout (`self.replay`) at another
+        world size or worker count: micro-batch k of the rank is item k x world + rank of the
+        replayed layout's sequence (`split.replay_batches`), and worker w yields k = w, w + W,
+        ... (the DataLoader's round robin), from `skip_batches` on after a resume.
+
+        Each batch's samples are read where they are (one byte range per run of neighbours when
+        the manifest records offsets): the replayed order is not this layout's contiguous one.
+        """
+        assert self.replay is not None
+        pieces = self.mixture.pieces(self.epoch, shuffle=self.shuffle)
+        flat = [(p.url, pos) for p in pieces for pos in p.positions]
+        tag = f"{self.seed}-{self.epoch}"
+        sequence = layout_sequence(len(flat), self.replay, tag, shuffle=self.shuffle)
+        mine = replay_batches(sequence, self.rank, self.world_size)
+        self.stats = FetchStats()
+        sent: dict[str, int] = {}
+        for k in range(self.skip_batches + worker, len(mine), num_workers):
+            short: Counter[str] = Counter()
+            held: dict[tuple[str, int], list[dict[str, Any]]] = {}
+            for key, raw in self._located(_runs(flat, sorted(mine[k])), short):
+                held.setdefault(key, []).append(raw)
+            skipped: Counter[str] = Counter(short)
+            good = []
+            for entry in mine[k]:  # the replayed batch's own order
+                raws = held.get(flat[entry])
+                if not raws:
+                    continue  # a short or missing shard: counted by _located
+                raw = raws.pop()
+                try:
+                    good.append(self.process(raw))
+                except BadSample as bad:
+                    skipped[bad.reason] += 1
+                    log.debug("skipping sample %s: %s", raw.get("__key__"), bad)
+            marker = {"skipped": dict(skipped), "empty": True, "fetched": self._fetched(sent)}
+            yield [*good, marker]
+
+
+def _runs(flat: list[tuple[str, int]], entries: list[int]) -> list[Piece]:
+    """Pieces of the stream entries `entries` (ascending), one per run of neighbouring positions
+    in one shard, so that each is one byte range holding nothing else."""
+    out: list[Piece] = []
+    for entry in entries:
+        url, position = flat[entry]
+        last = out[-1] if out else None
+        if last is not None and last.url == url and position - last.positions[-1] in (0, 1):
+            out[-1] = Piece(url, (*last.positions, position))
+        else:
+            out.append(Piece(url, (position,)))
+    return out
 
 
 def _tar_samples(stream: RangeReader, url: str) -> Iterator[dict[str, Any]]:
@@ -432,9 +504,12 @@ class VLMDataModule(L.LightningDataModule):
         group_megabatch: int = 16,
         packing: bool = False,
         fetch: FetchPolicy | None = None,
+        elastic: str = "exact",
     ) -> None:
         """`packing` (`data.packing`): rows of whole samples up to the text encoder's max_length,
-        packed from a look-ahead of `group_megabatch` batches (`packing.py`)."""
+        packed from a look-ahead of `group_megabatch` batches (`packing.py`). `elastic`
+        (`data.elastic`): what a resume at another world size or worker count trains, see
+        `resolve_resume`."""
         super().__init__()
         if shard_dir is None and not sources:
             raise ValueError("give shard_dir or sources")
@@ -453,6 +528,13 @@ class VLMDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.group_megabatch = group_megabatch
         self.packing = packing
+        if elastic not in ELASTIC_MODES:
+            raise ConfigError(
+                "data.elastic",
+                f"unknown value {elastic!r}.",
+                f"use one of {', '.join(ELASTIC_MODES)}.",
+            )
+        self.elastic_mode = elastic
         self._prepare = prepare
         self._train: ShardStream | None = None
         self.epoch = 0
@@ -465,6 +547,10 @@ class VLMDataModule(L.LightningDataModule):
         self._before: list[tuple[Layout, int]] = []
         self._remaining: list[int] | None = None
         self._saved_layout: Layout | None = None  # of the checkpoint loaded, until resolved
+        # data.elastic=exact: the layout the run started with, whose batches every later layout
+        # replays (None: this run's own layout, or data.elastic=replan)
+        self._origin: Layout | None = None
+        self._saved_origin: Layout | None = None
         self.elastic = False  # this resume changed the layout mid-epoch
 
     def prepare_data(self) -> None:
@@ -486,6 +572,8 @@ class VLMDataModule(L.LightningDataModule):
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Micro-batches every rank yields per epoch, exactly (sizes the LR schedule)."""
+        if self._origin is not None:  # replaying the run's own layout (`resolve_resume`)
+            return -(-self.micro_batches_per_epoch(world_size) // world_size)
         return batches_per_rank(self.mixture().num_samples(), world_size, self.batch_size)
 
     def _seeded_for(self, epoch: int) -> torch.Generator:
@@ -509,12 +597,34 @@ class VLMDataModule(L.LightningDataModule):
             self._train.set_epoch(epoch)
             self._train.skip_batches = self._resume_batches if epoch == self._resume_epoch else 0
             self._train.remaining = self._remaining
+            self._train.replay = self._origin
+
+    def micro_batches_per_epoch(self, world_size: int) -> int:
+        """Micro-batches of all ranks in an epoch, empty padding excluded (sizes the schedule:
+        replaying the run's own layout, its count, not this world size's rounding)."""
+        if self._origin is not None:
+            origin = self._origin
+            total = self.mixture().num_samples()
+            return origin.world_size * batches_per_rank(total, origin.world_size, origin.batch_size)
+        return world_size * self.batches_per_epoch(world_size)
+
+    def expect_origin(self, origin: Layout, world_size: int) -> None:
+        """Before the checkpoint is loaded (the schedule is sized first): the run's own layout,
+        from its run state; `resolve_resume` sets it again from the checkpoint."""
+        now = self.layout_at(world_size)
+        if self.elastic_mode == "exact" and origin != now:
+            refuse_replay(origin, now)
+            self._origin = origin
 
     def layout(self) -> Layout:
         """How this run cuts and reads the epoch (the world size is the trainer's)."""
         trainer = self.trainer
+        return self.layout_at(trainer.world_size if trainer is not None else 1)
+
+    def layout_at(self, world_size: int) -> Layout:
+        """The layout of this data config at `world_size` ranks."""
         return Layout(
-            world_size=trainer.world_size if trainer is not None else 1,
+            world_size=world_size,
             num_workers=max(1, self.num_workers),
             batch_size=self.batch_size,
             shuffle_buffer=self.shuffle_buffer,
@@ -523,7 +633,7 @@ class VLMDataModule(L.LightningDataModule):
 
     def _segment_batches(self) -> int:
         """Batches per rank of the current layout's part of the epoch."""
-        if self._remaining is None:
+        if self._remaining is None or self._origin is not None:
             return self.batches_per_epoch(self._world()[1])
         return batches_per_rank(len(self._remaining), self._world()[1], self.batch_size)
 
@@ -531,15 +641,26 @@ class VLMDataModule(L.LightningDataModule):
         """Apply a loaded mid-epoch position to this run's layout; True if the layout changed.
 
         Why: resumed at another world size or worker count, the saved batch count no longer
-        says which samples were trained. The stream of the epoch is the same for every layout,
-        and which of its entries k batches read under the saved layout follows from the plan
-        and the shuffle seeds alone (`split.consumed`), so the rest of the epoch is planned
-        afresh over the entries not trained yet: every sample once, no batch replayed.
+        says which samples were trained. The stream of the epoch is the same for every layout.
+
+        `data.elastic=exact` (default): the run keeps the batches of the layout it started with.
+        Its micro-batches form one sequence (`split.layout_sequence`) that k batches per rank
+        consume as a prefix at any world size, so the new layout deals the rest of it round
+        robin (`split.replay_batches`): the same micro-batches in the same optimizer steps as
+        an uninterrupted run, so the same weights (up to the order of float reductions), for
+        this epoch and every later one. Needs the same data.batch_size and ungrouped batches.
+
+        `data.elastic=replan`: which entries k batches read under the saved layout follows from
+        the plan and the shuffle seeds alone (`split.consumed`), so the rest of the epoch is
+        planned afresh over the entries not trained yet: every sample once, no batch replayed,
+        in another order (grouped and packed batches too, from a megabatch boundary).
         """
         saved, self._saved_layout = self._saved_layout, None
         if saved is None:
             return False
         now = self.layout()
+        if self.elastic_mode == "exact" and not self._before:
+            return self._resolve_exact(saved, now)
         changed = saved != now and self.batches_done > 0
         if changed:
             self._before = [*self._before, (saved, self.batches_done)]
@@ -548,6 +669,38 @@ class VLMDataModule(L.LightningDataModule):
             self._remaining = self._untrained(now)
         self.elastic = changed
         return changed
+
+    def _resolve_exact(self, saved: Layout, now: Layout) -> bool:
+        origin = self._saved_origin or saved
+        self._saved_origin = None
+        done = self.batches_done * saved.world_size  # items of the epoch's sequence trained
+        self._origin = None if now == origin else origin
+        changed = saved != now
+        self.elastic = changed and self.batches_done > 0
+        if self._origin is not None:
+            refuse_replay(origin, now)
+        if done % now.world_size:
+            raise ConfigError(
+                "trainer.devices",
+                f"the checkpoint was written after {done} micro-batches of epoch {self.epoch} "
+                f"over {saved.world_size} ranks, which {now.world_size} ranks cannot share "
+                "equally.",
+                "resume at the checkpoint's trainer.devices, or from a checkpoint written at an "
+                "optimizer step (checkpoint.every_n_steps).",
+            )
+        self.batches_done = done // now.world_size
+        if self.epoch == self._resume_epoch:
+            self._resume_batches = self.batches_done
+        if self._train is not None:
+            self._train.replay = self._origin
+        if changed:
+            log.info(
+                "resumed at %s after %s: replaying the batches of %s (data.elastic=exact)",
+                now.as_dict(),
+                saved.as_dict(),
+                (self._origin or now).as_dict(),
+            )
+        return self.elastic  # Lightning's batch counter moves to this layout's (mid-epoch only)
 
     def _untrained(self, now: Layout) -> list[int]:
         stream = list(range(self.mixture().num_samples()))
@@ -572,6 +725,17 @@ class VLMDataModule(L.LightningDataModule):
         """Lightning's batch counter for this epoch at the current layout after an elastic
         resume: the optimizer steps done x `accumulation`, so steps keep the global batch."""
         now = self.layout()
+        if not self._before:  # data.elastic=exact: batches_done is at this layout already
+            if self.batches_done % accumulation:
+                raise ConfigError(
+                    "trainer.devices",
+                    f"the checkpoint was written inside an optimizer step: {self.batches_done} "
+                    f"micro-batches per rank at {now.world_size} ranks is not a whole number of "
+                    f"steps of {accumulation}.",
+                    "resume at the checkpoint's trainer.devices, or from a checkpoint written at "
+                    "an optimizer step (checkpoint.every_n_steps).",
+                )
+            return self.batches_done
         done = sum(lay.world_size * lay.batch_size * k for lay, k in self._before)
         per_batch = now.world_size * now.batch_size
         if done % (per_batch * accumulation):
@@ -596,13 +760,22 @@ class VLMDataModule(L.LightningDataModule):
         epoch would yield nothing and be skipped whole.
         """
         layout = self.layout().as_dict()
+        # the layout whose batches the run trains (data.elastic=exact, `resolve_resume`)
+        origin = (self._origin or self.layout()).as_dict()
         if self.batches_done >= self._segment_batches():
-            return {"epoch": self.epoch + 1, "batches_done": 0, "layout": layout, "before": []}
+            return {
+                "epoch": self.epoch + 1,
+                "batches_done": 0,
+                "layout": layout,
+                "before": [],
+                "origin": origin,
+            }
         return {
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "layout": layout,  # what the batch count means (elastic resume, `resolve_resume`)
             "before": [[lay.as_dict(), k] for lay, k in self._before],
+            "origin": origin,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -610,6 +783,8 @@ class VLMDataModule(L.LightningDataModule):
         self.batches_done = self._resume_batches = int(state.get("batches_done", 0))
         saved = state.get("layout")
         self._saved_layout = Layout(**saved) if saved else None
+        origin = state.get("origin")
+        self._saved_origin = Layout(**origin) if origin else None
         self._before = [(Layout(**lay), int(k)) for lay, k in state.get("before", [])]
         self._remaining = None
 
@@ -648,6 +823,7 @@ class VLMDataModule(L.LightningDataModule):
         self.resolve_resume()  # normally done already, by StreamPosition.on_load_checkpoint
         self._train.set_epoch(self.epoch)
         self._train.remaining = self._remaining
+        self._train.replay = self._origin
         if self.epoch == self._resume_epoch:
             self._train.skip_batches = self._resume_batches
         return DataLoader(
@@ -664,6 +840,34 @@ class VLMDataModule(L.LightningDataModule):
             # each epoch (LLaVA stages run one epoch, so this costs one start per stage).
             persistent_workers=False,
             generator=self._seeded_for(self.epoch),  # not the global (dropout) generator
+        )
+
+
+ELASTIC_MODES = ("exact", "replan")
+
+
+def refuse_replay(origin: Layout, now: Layout) -> None:
+    """Why `now` cannot replay `origin`'s batches (data.elastic=exact), naming the keys."""
+    keep = (
+        f"resume at trainer.devices={origin.world_size} data.num_workers={origin.num_workers} "
+        f"data.batch_size={origin.batch_size} data.shuffle_buffer={origin.shuffle_buffer} (the "
+        "run's own layout), or set data.elastic=replan (every untrained sample once, in "
+        "another order: the weights then differ from an uninterrupted run's)."
+    )
+    if origin.group_megabatch != 1:
+        raise ConfigError(
+            "data.elastic",
+            "this run groups batches by length or packs them (data.group_by_length / "
+            "data.packing): its batches depend on the decoded lengths of whole megabatches, so "
+            f"another layout ({now.as_dict()}) cannot replay them exactly.",
+            keep,
+        )
+    if now.batch_size != origin.batch_size:
+        raise ConfigError(
+            "data.batch_size",
+            f"the run trains micro-batches of {origin.batch_size}; {now.batch_size} cannot "
+            "replay them.",
+            keep,
         )
 
 

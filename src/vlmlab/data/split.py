@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -163,6 +164,51 @@ def consumed(
             for _, index in zip(range(sum(sizes[:done])), order):
                 taken.add(index)
     return taken, unknown
+
+
+def layout_sequence(total: int, layout: Layout, tag: str, shuffle: bool = True) -> list[list[int]]:
+    """The micro-batches an uninterrupted run under `layout` trains in an epoch of `total` stream
+    entries, as one sequence: rank 0's batch 0, rank 1's batch 0, ..., rank 0's batch 1, ...
+
+    Why this order: rank r's batch k is item k x N + r, so k batches per rank are always the
+    first k x N items, and an optimizer step (N x accumulation items) is a contiguous run of
+    them. Another world size M that deals the same sequence round robin (rank m takes items
+    m, m + M, ...) trains the same micro-batches in the same steps (`replay_batches`).
+    Ungrouped layouts only: a length-grouped batch depends on the decoded lengths.
+    """
+    if layout.group_megabatch != 1:
+        raise ValueError("a length-grouped or packed layout's batches depend on the data")
+    workers = max(1, layout.num_workers)
+    per_rank: list[list[list[int]]] = []
+    for rank in range(layout.world_size):
+        batches: list[list[int]] = [
+            [] for _ in range(batches_per_rank(total, layout.world_size, layout.batch_size))
+        ]
+        for worker in range(workers):
+            first, sizes, indices = worker_range(
+                total, rank, layout.world_size, worker, workers, layout.batch_size
+            )
+            mine = range(first, first + sum(sizes))
+            order = (
+                buffer_shuffle(mine, layout.shuffle_buffer, random.Random(f"{tag}-{rank}-{worker}"))
+                if shuffle
+                else iter(mine)
+            )
+            for size, index in zip(sizes, indices):
+                batches[index] = list(islice(order, size))
+        per_rank.append(batches)
+    return [per_rank[r][k] for k in range(len(per_rank[0])) for r in range(layout.world_size)]
+
+
+def replay_batches(sequence: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Rank `rank`'s micro-batches when `world_size` ranks replay `sequence` (`layout_sequence`):
+    items rank, rank + world_size, ...; the last ones padded with empty batches so that every
+    rank yields the same number (an empty micro-batch takes part in the step, trains nothing)."""
+    count = -(-len(sequence) // world_size)
+    return [
+        sequence[j] if j < len(sequence) else []
+        for j in range(rank, count * world_size, world_size)
+    ]
 
 
 def pieces_of(pieces: list[Piece], keep: list[int]) -> list[Piece]:

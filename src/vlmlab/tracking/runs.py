@@ -59,6 +59,9 @@ class RunState:
     hf_base: str | None = None  # the HF Llava folder it started from
     mlflow_run_id: str | None = None
     final: str | None = None  # the stage checkpoint folder of this run, once named
+    # the data layout the run started with (`split.Layout`): a resume at another world size
+    # replays its batches (data.elastic=exact) and sizes the LR schedule as it did
+    layout: dict[str, int] | None = None
 
     @classmethod
     def read(cls, folder: Path) -> RunState:
@@ -66,7 +69,9 @@ class RunState:
         if not path.is_file():
             return cls()
         data = json.loads(path.read_text())
-        return cls(**{k: data.get(k) for k in ("init", "hf_base", "mlflow_run_id", "final")})
+        return cls(
+            **{k: data.get(k) for k in ("init", "hf_base", "mlflow_run_id", "final", "layout")}
+        )
 
     def write(self, folder: Path) -> None:
         """Atomically (a kill mid-write leaves the previous state, never a torn file)."""

@@ -17,9 +17,12 @@ What Lightning 2.6's DeepSpeedStrategy does not do by itself, and this module ad
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +147,13 @@ def deepspeed_strategy_class() -> type:
             self.barrier("vlmlab-ds-ckpt-clean")
 
             def write() -> None:
-                super(AtomicDeepSpeedStrategy, self).save_checkpoint(
-                    checkpoint, str(staged), storage_options
-                )
+                with deferred_writes(self.deepspeed_engine) as deferred:
+                    super(AtomicDeepSpeedStrategy, self).save_checkpoint(
+                        checkpoint, str(staged), storage_options
+                    )
+                deferred.raise_first()
+                if self.global_rank == 0:  # the tag DeepSpeed's load reads; last, as it does
+                    (staged / "latest").write_text(deferred.tag)
                 if self.local_rank == 0:
                     checkpoints.fsync_tree(staged)
 
@@ -167,6 +174,73 @@ def deepspeed_strategy_class() -> type:
                     checkpoints.remove_path(Path(str(filepath) + suffix))
 
     return AtomicDeepSpeedStrategy
+
+
+class DeferredWrites:
+    """The file writes of one `engine.save_checkpoint`, their first failure held back.
+
+    Why: DeepSpeed's save meets the other ranks at barriers between its writes (after the
+    folder, after each rank's ZeRO file, at the end). A rank whose write raises (disk full, no
+    permission) leaves them there, and a later collective of that rank pairs with the wrong
+    one: every rank hangs (measured: 2 CPU ranks, rank 1 limited to 1 kB files, hung until
+    killed). Held back, the failing rank goes through every barrier; `agreed_failure` then
+    makes all ranks raise. `latest` (rank 0, DeepSpeed's last write) is written by the caller
+    after the held failures are raised, inside the same agreement.
+    """
+
+    def __init__(self) -> None:
+        self.failures: list[BaseException] = []
+        self.tag = "checkpoint"
+
+    def call(self, write: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            return None  # the checkpoint is lost already: skip the rest of its writes
+        try:
+            return write(*args, **kwargs)
+        except (OSError, RuntimeError) as err:
+            self.failures.append(err)
+            log.error(
+                "a DeepSpeed checkpoint write failed (held until every rank is done): %s", err
+            )
+            return None
+
+    def raise_first(self) -> None:
+        if self.failures:
+            raise self.failures[0]
+
+
+@contextlib.contextmanager
+def deferred_writes(engine: Any) -> Iterator[DeferredWrites]:
+    """`engine`'s checkpoint writes (`checkpoint_engine.save` / `makedirs`, the recovery script)
+    held back on failure, and `latest` left to the caller (`DeferredWrites`)."""
+    deferred = DeferredWrites()
+    files = engine.checkpoint_engine
+    save_checkpoint = engine.save_checkpoint
+
+    def without_latest(*args: Any, **kwargs: Any) -> Any:
+        deferred.tag = str(kwargs.get("tag") or deferred.tag)
+        return save_checkpoint(*args, **{**kwargs, "save_latest": False})
+
+    patches = {
+        (files, "save"): functools.partial(deferred.call, files.save),
+        (files, "makedirs"): functools.partial(deferred.call, files.makedirs),
+        (engine, "_copy_recovery_script"): functools.partial(
+            deferred.call, engine._copy_recovery_script
+        ),
+        (engine, "save_checkpoint"): without_latest,
+    }
+    missing = object()
+    before = {key: vars(key[0]).get(key[1], missing) for key in patches}
+    try:
+        for (owner, name), patch in patches.items():
+            setattr(owner, name, patch)
+        yield deferred
+    finally:
+        for (owner, name), old in before.items():
+            if old is missing:
+                delattr(owner, name)  # the class's method shows again
+            else:
+                setattr(owner, name, old)
 
 
 def deepspeed_strategy(
