@@ -10,6 +10,7 @@ same MLflow run.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -102,6 +103,8 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(
     resume_dir = tmp_path / "resume" / run_key(cfg)
     resume_dir.mkdir(parents=True)
     shutil.copy2(snapshot / "run.json", resume_dir / "run.json")
+    layout = json.loads((snapshot / "run.json").read_text())["layout"]  # the run's own
+    assert layout["world_size"] == 1 and layout["batch_size"] == cfg.data.batch_size
     if moment == "epoch_end_written":
         shutil.copy2(end, resume_dir / "last.ckpt")
     else:  # killed while the epoch-end checkpoint was being written over the step checkpoint

@@ -48,6 +48,7 @@ MODEL_KEYS = (
     "position_ids",
     "cu_seq_lens",
     "max_seqlen",
+    "image_sizes",  # AnyRes (pad ignores it)
 )
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-6
@@ -379,3 +380,42 @@ def test_flash_attention_gets_the_segments(built: Callable[[str, str], tuple[Any
     assert flash["cu_seq_lens_q"].dtype == torch.int32
     assert flash["max_length_q"] == flash["max_length_k"] == batch["max_seqlen"]
     assert int(batch["cu_seq_lens"][-1]) == batch["input_ids"].numel()
+
+
+def test_packed_anyres_equals_unpadded(tmp_path: Path) -> None:
+    """AnyRes (`encoder.image=anyres`, as the llava_next experiments pack): images of other shapes
+    give other token counts (tiles, unpadded grid, newlines); packed into rows, each sample still
+    gets the loss and gradient it gets alone."""
+    from vlmlab.config import compose
+
+    cfg = compose([f"paths.root={tmp_path}", *SMALL, "connector=mlp", "encoder.image=anyres"])
+    model, tokenizer = build_vlm(cfg.encoder, cfg.connector, cfg.llm)
+    model.eval()
+    encoder = TextEncoder.for_model(model, tokenizer, "vicuna_v1", 1024)
+    samples = []
+    for i, size in enumerate([(80, 48), None, (30, 90), (64, 64), (120, 40)]):
+        question = f"what colour is shape {i}?"
+        conv = [
+            {"from": "human", "value": f"<image>\n{question}" if size else question},
+            {"from": "gpt", "value": f"{['Red', 'Blue', 'Green'][i % 3]} number {i}"},
+        ]
+        pixels = model.image_processor(Image.new("RGB", size, (40 * i, 90, 200))) if size else None
+        encoded = encoder.encode(conv, size is not None, image_size=size)
+        samples.append({"id": str(i), "pixel_values": pixels, "image_size": size, **encoded})
+    counts = [s["image_tokens"][0] for s in samples if s["image_tokens"]]
+    assert len(set(counts)) >= 3, counts  # the shapes give different token counts
+    pad = tokenizer.pad_token_id
+    ref_losses, ref_grads, tokens = _reference(model, samples, pad)
+    rows = [2, 1, 2]
+    marker = {"empty": True, "skipped": {}, "rows": rows}
+    batch = collate([*samples, marker], pad, model.image_token_id)
+    batch["lengths"] = [len(s["input_ids"]) for s in samples]
+    assert batch["image_sizes"] == [s["image_size"] for s in samples if s["image_size"]]
+    losses = _packed_losses(model, batch, rows)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= LOSS_TOL, (losses, ref_losses)
+    model.zero_grad()
+    out = model(**_inputs(batch))
+    (out.loss * out.num_target_tokens).backward()
+    assert out.num_target_tokens == tokens
+    whole, bad = _relative(_grads(model), ref_grads)
+    assert whole <= GRAD_TOL and not bad, (whole, bad)
