@@ -86,3 +86,39 @@ def group_options(group: str, *config_dirs: Path) -> list[str]:
             )
     finally:
         GlobalHydra.instance().clear()
+
+
+def save_twice_failing_on_rank_1(trainer: Any, out: Path) -> None:
+    """The failed-save scenario of the multi-rank checkpoint tests (FSDP, DeepSpeed).
+
+    `trainer` saves `out/last.ckpt`, then saves again with rank 1 limited to 1 kB per file
+    (RLIMIT_FSIZE: a real EFBIG from the kernel, SIGXFSZ ignored). Each rank writes what the
+    second save raised to `out/rank<r>.txt` ("saved" if nothing); a rank that raised exits 3.
+    """
+    import resource
+    import signal
+
+    target = out / "last.ckpt"
+    trainer.save_checkpoint(target)
+    rank = trainer.global_rank
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+    try:
+        trainer.save_checkpoint(target)
+        (out / f"rank{rank}.txt").write_text("saved")
+    except BaseException as err:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        (out / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        raise SystemExit(3) from None
+
+
+def assert_every_rank_failed(out: Path, ranks: int = 2) -> Path:
+    """After `save_twice_failing_on_rank_1`: every rank raised CheckpointWriteError naming the
+    folder and no staged folder is left; returns the folder (the first save, to check)."""
+    target = out / "last.ckpt"
+    for rank in range(ranks):
+        said = (out / f"rank{rank}.txt").read_text()
+        assert said.startswith("CheckpointWriteError") and str(target) in said, said
+    assert not (out / "last.ckpt.tmp").exists()
+    return target

@@ -46,26 +46,36 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     return out / "shards", [r["id"] for r in records]
 
 
+def _loader(
+    mixture: Mixture, layout: Layout, rank: int, **state: Any
+) -> tuple[ShardStream, torch.utils.data.DataLoader]:
+    """Rank `rank` of `layout` in epoch 1, its stream's resume `state` set (remaining, replay,
+    skip_batches), read by `layout.num_workers` DataLoader workers."""
+    stream = ShardStream(
+        mixture,
+        _key,
+        batch_size=layout.batch_size,
+        seed=mixture.seed,
+        shuffle_buffer=layout.shuffle_buffer,
+        rank=rank,
+        world_size=layout.world_size,
+    )
+    stream.set_epoch(1)
+    for name, value in state.items():
+        setattr(stream, name, value)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=layout.num_workers, collate_fn=_ids
+    )
+    return stream, loader
+
+
 def _read(
     mixture: Mixture, layout: Layout, batches: int | None, remaining: list[int] | None
 ) -> list[str]:
     """Ids the ranks of `layout` train in their first `batches` batches (None: all)."""
     ids: list[str] = []
     for rank in range(layout.world_size):
-        stream = ShardStream(
-            mixture,
-            _key,
-            batch_size=layout.batch_size,
-            seed=mixture.seed,
-            shuffle_buffer=layout.shuffle_buffer,
-            rank=rank,
-            world_size=layout.world_size,
-        )
-        stream.set_epoch(1)
-        stream.remaining = remaining
-        loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=layout.num_workers, collate_fn=_ids
-        )
+        _, loader = _loader(mixture, layout, rank, remaining=remaining)
         for batch in islice(loader, batches):
             ids += batch
     return ids
@@ -102,20 +112,7 @@ def _batches(
     mixture: Mixture, layout: Layout, rank: int, replay: Layout | None, skip: int = 0
 ) -> list[list[str]]:
     """The ids of every batch rank `rank` of `layout` yields (replaying `replay`'s batches)."""
-    stream = ShardStream(
-        mixture,
-        _key,
-        batch_size=layout.batch_size,
-        seed=mixture.seed,
-        shuffle_buffer=layout.shuffle_buffer,
-        rank=rank,
-        world_size=layout.world_size,
-    )
-    stream.set_epoch(1)
-    stream.replay, stream.skip_batches = replay, skip
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=layout.num_workers, collate_fn=_ids
-    )
+    stream, loader = _loader(mixture, layout, rank, replay=replay, skip_batches=skip)
     batches = list(loader)
     assert len(batches) == stream.num_batches() - skip
     return batches

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import assert_every_rank_failed, save_twice_failing_on_rank_1
 from tests.test_scale import final_weights, run_train
 
 RUN = (
@@ -126,9 +127,6 @@ def _save_fails_on_rank_1(out: Path) -> None:
     A tiny FSDP2 module saves a sharded checkpoint, then saves again with rank 1 limited to
     1 kB per file (RLIMIT_FSIZE: a real EFBIG from the kernel). Each rank writes what it raised.
     """
-    import resource
-    import signal
-
     import lightning as L
     from torch.distributed.fsdp import fully_shard
 
@@ -166,19 +164,7 @@ def _save_fails_on_rank_1(out: Path) -> None:
         enable_model_summary=False,
     )
     trainer.fit(Tiny())
-    target = out / "last.ckpt"
-    trainer.save_checkpoint(target)
-    rank = trainer.global_rank
-    if rank == 1:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
-    try:
-        trainer.save_checkpoint(target)
-        (out / f"rank{rank}.txt").write_text("saved")
-    except BaseException as err:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-        (out / f"rank{rank}.txt").write_text(f"{type(err).__name__}: {err}")
-        raise SystemExit(3) from None
+    save_twice_failing_on_rank_1(trainer, out)
 
 
 @pytest.mark.slow
@@ -200,11 +186,7 @@ def test_sharded_save_failing_on_one_rank_fails_every_rank(tmp_path: Path) -> No
         timeout=240,  # a hang (the old behaviour) ends here
     )
     assert done.returncode != 0
-    target = tmp_path / "last.ckpt"
-    for rank in (0, 1):
-        said = (tmp_path / f"rank{rank}.txt").read_text()
-        assert said.startswith("CheckpointWriteError") and str(target) in said, said
-    assert not (tmp_path / "last.ckpt.tmp").exists()
+    target = assert_every_rank_failed(tmp_path)
     assert (target / "meta.pt").is_file()  # the previous checkpoint is kept
     meta = torch.load(target / "meta.pt", weights_only=True)
     assert meta["global_step"] == 1
