@@ -280,7 +280,9 @@ def test_sigkill_at_two_ranks_resumes_at_one(tmp_path: Path, data_root: Path) ->
     """Acceptance 17.1 with a real kill: 2 DDP ranks x 1 worker (global batch 8: 6 steps per
     epoch, a checkpoint every step) are SIGKILLed mid-epoch; `resume=auto` at 1 rank x 2 workers
     (accumulation 2) trains the rest. The steps kept by the checkpoint plus the resumed ones are
-    the epoch's 48 samples exactly once, each step one global batch of 8."""
+    the epoch's 48 samples exactly once, each step one global batch of 8, the samples of the same
+    step of a 2-rank run never killed, and the final weights are that run's (fp32 reduction
+    order apart)."""
     run = (*RUN, "stage.global_batch_size=8")
     killed_log = tmp_path / "killed.jsonl"
 
@@ -317,10 +319,24 @@ def test_sigkill_at_two_ranks_resumes_at_one(tmp_path: Path, data_root: Path) ->
     assert min(r["step"] for r in resumed) == resumed_at
     trained = Counter(i for r in kept + resumed for i in r["ids"])
     assert len(trained) == 48 and set(trained.values()) == {1}, trained
-    per_step: Counter[int] = Counter()
+    per_step: dict[int, list[str]] = {}
     for r in kept + resumed:
-        per_step[r["step"]] += len(r["ids"])
-    assert per_step == dict.fromkeys(range(6), 8), per_step
+        per_step.setdefault(r["step"], []).extend(r["ids"])
+    assert {k: len(v) for k, v in per_step.items()} == dict.fromkeys(range(6), 8), per_step
+    # data.elastic=exact: the steps and weights of the run never killed, at 2 ranks
+    straight = tmp_path / "straight"
+    two_ranks = ("trainer.devices=2", "data.num_workers=1", *_record(straight))
+    run_train(straight, data_root, *run, *two_ranks, timeout=300)
+    uninterrupted: dict[int, list[str]] = {}
+    for r in _records(straight):
+        uninterrupted.setdefault(r["step"], []).extend(r["ids"])
+    assert {k: sorted(v) for k, v in per_step.items()} == {
+        k: sorted(v) for k, v in uninterrupted.items()
+    }
+    expected, got = final_weights(straight), final_weights(tmp_path)
+    assert expected.keys() == got.keys() and expected
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def _records_of(path: Path, rank: int | None = None) -> list[dict[str, Any]]:
