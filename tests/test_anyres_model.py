@@ -307,6 +307,13 @@ def test_plan_counts_tokens_and_tiles_at_the_largest_grid() -> None:
     extra = anyres["memory"]["activations_gb"] - pad["memory"]["activations_gb"]
     per_layer_tile = 34 * 576 * 1024 * 4 / 2  # bytes per layer and tile: fp32 (32-true)
     assert extra == pytest.approx(4 * 24 * per_layer_tile / 1e9, rel=1e-6)
+    # the loader's look-ahead: 16 x 16 samples (grouped, the default) x 5 uint8 tiles x 4 workers
+    grouped = ["data.batch_size=16", "data.group_by_length=true", "data.num_workers=4"]
+    loader = plan(compose([*base, *ANYRES, *grouped]))["loader"]
+    assert loader["lookahead_samples"] == 16 * 16 and loader["workers"] == 4
+    assert loader["bytes_per_sample_max"] == 5 * 3 * 336 * 336
+    assert loader["gb_per_rank_max"] == pytest.approx(256 * 5 * 3 * 336**2 * 4 / 1e9, abs=1e-3)
+    assert plan(compose([*base, *grouped]))["loader"]["bytes_per_sample_max"] == 3 * 336 * 336
     small = plan(compose([*base, *ANYRES, "data.max_length=2048"]))
     assert any("2928 tokens" in note and "data.max_length" in note for note in small["notes"])
 

@@ -194,6 +194,9 @@ def test_exact_resume_counts_in_the_new_layout_and_refuses_what_it_cannot_replay
         grouped.state_dict(), 1, 2, group_by_length=True, group_megabatch=2, elastic="replan"
     )
     assert replanned.elastic and len(replanned._remaining or []) == 60 - 2 * 4 * 4
+    with pytest.raises(ConfigError) as err:
+        module(1, 1, elastic="exactly")
+    assert err.value.key == "data.elastic" and "exact, replan" in str(err.value)
 
 
 def test_half_a_length_grouped_megabatch_is_unknowable() -> None:

@@ -346,6 +346,7 @@ def test_cli_plan_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert "image tokens per sample: 576" in out
     assert "master weights: fp32" in out
     assert "activation checkpointing: off" in out
+    assert "data loader look-ahead:" in out and "GB host RAM per rank" in out
     with pytest.raises(SystemExit) as code:
         cli.main(["plan", *LLAVA15_EXPERIMENT, "stage=1", "trainer=fsdp"])
     assert code.value.code == 0

@@ -540,6 +540,7 @@ def plan(
         "memory": asdict(memory),
         "memory_gb_per_gpu": round(memory.total_gb, 3),
         "feature_cache": feature_cache_plan(cfg, model),
+        "loader": loader_plan(cfg, model),
         "notes": info["notes"] + memory.notes,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -583,6 +584,37 @@ def feature_cache_plan(cfg: DictConfig, model: Any) -> dict[str, Any]:
         "usable": usable,  # the stage's encoder is frozen and images are single tiles
         "encoder_weights_gb_saved": round(weights / 1e9, 3) if usable else 0.0,
     }
+
+
+def loader_plan(cfg: DictConfig, model: Any) -> dict[str, Any]:
+    """Host memory the data loader holds per rank, at most: each DataLoader worker decodes its
+    whole look-ahead (the samples of `data.group_megabatch` batches when grouping by length or
+    packing, else one batch) before it yields from it, and images travel as uint8 tiles
+    (3 x S x S bytes each; AnyRes: up to `image_tiles` per image). Why: a longer look-ahead pads
+    less (AnyRes most, benchmarks/padding.py) and costs this much RAM per worker."""
+    data = cfg.data
+    grouped = bool(data.get("group_by_length", False) or data.get("packing", False))
+    batches = int(data.get("group_megabatch", 16)) if grouped else 1
+    samples = int(data.get("batch_size", 1)) * batches
+    size = int(model.encoder.image_size)
+    per_sample = _image_tiles(model) * 3 * size * size
+    workers = max(1, int(data.get("num_workers", 0)))
+    return {
+        "lookahead_samples": samples,
+        "bytes_per_sample_max": per_sample,
+        "workers": workers,
+        "gb_per_rank_max": round(samples * per_sample * workers / GB, 3),
+    }
+
+
+def _loader_line(result: dict[str, Any]) -> str:
+    loader = result["loader"]
+    return (
+        f"data loader look-ahead: {loader['lookahead_samples']} samples x up to "
+        f"{loader['bytes_per_sample_max'] / 1e6:.2f} MB of uint8 pixels x {loader['workers']} "
+        f"workers = at most {loader['gb_per_rank_max']:.2f} GB host RAM per rank "
+        "(data.batch_size x data.group_megabatch when grouping or packing)"
+    )
 
 
 def _feature_line(result: dict[str, Any]) -> str:
@@ -657,6 +689,7 @@ def format_plan(result: dict[str, Any]) -> str:
         f"  activations    {mem['activations_gb']:9.2f} GB  (rough, see `vlmlab.plan` docs)",
         f"  total          {mem['total_gb']:9.2f} GB",
         _feature_line(result),
+        _loader_line(result),
     ]
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
