@@ -42,6 +42,7 @@ from vlmlab.data.split import (
     pieces_of,
     plan_worker,
     replay_batches,
+    sequence_length,
 )
 from vlmlab.data.tokenize import UNUSABLE_IMAGE, BadSample, TextEncoder
 from vlmlab.data.validate import IMAGE_EXTENSIONS, decode_image
@@ -115,10 +116,7 @@ class ShardStream(IterableDataset):
     def num_batches(self) -> int:
         """Batches every rank yields this epoch (the same on all ranks)."""
         if self.replay is not None:
-            total = self.mixture.num_samples()
-            items = self.replay.world_size * batches_per_rank(
-                total, self.replay.world_size, self.replay.batch_size
-            )
+            items = sequence_length(self.mixture.num_samples(), self.replay)
             return -(-items // self.world_size)
         total = self.mixture.num_samples() if self.remaining is None else len(self.remaining)
         return batches_per_rank(total, self.world_size, self.batch_size)
@@ -603,9 +601,7 @@ class VLMDataModule(L.LightningDataModule):
         """Micro-batches of all ranks in an epoch, empty padding excluded (sizes the schedule:
         replaying the run's own layout, its count, not this world size's rounding)."""
         if self._origin is not None:
-            origin = self._origin
-            total = self.mixture().num_samples()
-            return origin.world_size * batches_per_rank(total, origin.world_size, origin.batch_size)
+            return sequence_length(self.mixture().num_samples(), self._origin)
         return world_size * self.batches_per_epoch(world_size)
 
     def expect_origin(self, origin: Layout, world_size: int) -> None:

@@ -200,6 +200,11 @@ def layout_sequence(total: int, layout: Layout, tag: str, shuffle: bool = True) 
     return [per_rank[r][k] for k in range(len(per_rank[0])) for r in range(layout.world_size)]
 
 
+def sequence_length(total: int, layout: Layout) -> int:
+    """len(layout_sequence(total, layout, ...)), without building it."""
+    return layout.world_size * batches_per_rank(total, layout.world_size, layout.batch_size)
+
+
 def replay_batches(sequence: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
     """Rank `rank`'s micro-batches when `world_size` ranks replay `sequence` (`layout_sequence`):
     items rank, rank + world_size, ...; the last ones padded with empty batches so that every
